@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch is installed first and pinned: a bare torch requirement would pull the CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: env run test lint unit integration protos bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q $(TORCH) 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import ray, transformers, grpc, nixl"
+	touch $(STAMP)
+
+run: env
+	$(VENV)/bin/pdserve serve
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+test: env lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+unit: env
+	$(PY) -m pytest -q -m "not integration"
+
+integration: env
+	$(PY) -m pytest -q -m integration
+
+# Regenerate the gRPC modules from protos/pdserve.proto (tests/test_protos.py fails when stale).
+protos: env
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. protos/pdserve.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
