@@ -1,0 +1,231 @@
+"""Same-host shared-memory transport.
+
+Prefill side: ``allocate_pool`` puts the KV pool in a named tmpfs segment (``shm_segment``), prefaulted;
+``register`` publishes the segment's path, size and host. Decode side: ``read_blocks`` maps the peer's
+segment once per (worker id, incarnation) (a new incarnation drops the old mapping first) and copies the
+merged runs of blocks into its own pool on a daemon worker thread, chunk by chunk, so a timeout or
+``close`` stops it between chunks. A transfer from a peer whose process is gone (its segment vanished or
+its lock was released) ends FAILED, even when the bytes were still readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kv_transfer.base import KVHandle, KVTransport, LayoutSignature, TransferEndpoint, TransportCapabilities
+from kv_transfer.blocks import BlockRun, LocalPool, plan_read
+from kv_transfer.config import TransportConfig
+from kv_transfer.shm_segment import (
+    Segment,
+    create_segment,
+    is_owner_alive,
+    map_segment,
+    reap_orphans,
+    segment_name,
+)
+from kv_transfer.transfer import TransferAborted, TransferState, WorkerThread
+
+
+def host_identity() -> str:
+    """Hostname plus kernel boot id: two processes share /dev/shm only when these match."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+    except OSError:
+        boot_id = ""
+    return f"{socket.gethostname()}/{boot_id}"
+
+
+@dataclass
+class _Peer:
+    incarnation: str
+    segment: Segment
+
+
+def _close_segments(segments: list[Segment]) -> None:
+    """Unlink and unmap this process's segments (close() and interpreter exit)."""
+    for segment in segments:
+        segment.close(unlink=True)
+    segments.clear()
+
+
+class ShmTransport(KVTransport):
+    """KV transport through shared memory between processes on one host."""
+
+    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
+        supports_cpu_memory=True,
+        supports_gpu_memory=False,
+        cross_node=False,
+        needs_shared_pool_allocation=True,
+        async_completion=True,
+    )
+
+    def __init__(self, config: TransportConfig, worker_id: str) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.incarnation = uuid.uuid4().hex[:16]
+        self._host = host_identity()
+        self._segments: list[Segment] = []  # segments this process owns
+        self._peers: dict[str, _Peer] = {}  # worker id -> mapping; touched only by the worker thread
+        self._local: LocalPool | None = None
+        self._local_segment: Segment | None = None
+        self._inflight: weakref.WeakSet[TransferState] = weakref.WeakSet()
+        self._worker = WorkerThread(name=f"kv-shm-{worker_id}")
+        self._closed = False
+        # unlink our segments at interpreter exit even if close() is never called
+        self._finalizer = weakref.finalize(self, _close_segments, self._segments)
+
+    # -- prefill side --------------------------------------------------------------------------------
+    def allocate_pool(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A KV pool in a new shared-memory segment, every page allocated and mapped."""
+        self._check_open()
+        shm = self.config.shm
+        if shm.reap_orphans:
+            reap_orphans(shm.shm_dir, shm.segment_prefix)
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes <= 0:
+            raise ValueError(f"pool shape {tuple(shape)} holds no bytes")
+        name = segment_name(shm.segment_prefix, self.worker_id, self.incarnation, len(self._segments))
+        segment = create_segment(shm.shm_dir, name, nbytes)
+        self._segments.append(segment)
+        assert segment.data is not None
+        return segment.data.view(dtype).view(tuple(int(s) for s in shape))
+
+    def register(self, pool: torch.Tensor, layout: LayoutSignature) -> TransferEndpoint:
+        """Register the local pool. Peers can read it only if it came from ``allocate_pool``."""
+        self._check_open()
+        if self._local is not None:
+            raise ValueError("this transport already registered a KV pool")
+        self._local = LocalPool.checked(pool, layout)
+        self._local_segment = next(
+            (s for s in self._segments if s.data is not None and s.data.data_ptr() == pool.data_ptr()), None
+        )
+        metadata = {"host": self._host, "pid": os.getpid()}
+        if self._local_segment is not None:
+            metadata.update(path=self._local_segment.path, nbytes=self._local_segment.nbytes)
+        return TransferEndpoint(
+            backend="shm",
+            worker_id=self.worker_id,
+            incarnation=self.incarnation,
+            metadata=json.dumps(metadata).encode(),
+            layout=layout,
+        )
+
+    # -- decode side ---------------------------------------------------------------------------------
+    def read_blocks(self, handle: KVHandle, local_block_ids: Sequence[int]) -> TransferState:
+        """Validate (raising before any byte moves), then copy on the worker thread; returns at once."""
+        self._check_open()
+        endpoint = handle.endpoint
+        if endpoint.backend != "shm":
+            raise ValueError(
+                f"handle's endpoint is for backend {endpoint.backend!r}, this transport is 'shm'"
+            )
+        metadata = json.loads(endpoint.metadata)
+        if metadata["host"] != self._host:
+            raise ValueError(f"shm peer {endpoint.worker_id} is on another host ({metadata['host']})")
+        if "path" not in metadata:
+            raise ValueError(f"shm peer {endpoint.worker_id} did not allocate its pool with allocate_pool")
+        block_bytes = endpoint.layout.block_bytes
+        runs = plan_read(
+            endpoint.layout, handle.block_ids, metadata["nbytes"] // block_bytes, self._local, local_block_ids
+        )
+        transfer = TransferState(self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}")
+        transfer.num_bytes = len(handle.block_ids) * block_bytes
+        self._inflight.add(transfer)
+        self._worker.submit(lambda: self._run_copy(transfer, endpoint, metadata, runs))
+        return transfer
+
+    def _run_copy(
+        self, transfer: TransferState, endpoint: TransferEndpoint, metadata: dict, runs: list[BlockRun]
+    ) -> None:
+        try:
+            if not transfer.begin():
+                return
+            segment = self._peer_segment(endpoint, metadata)
+            self._check_peer_alive(endpoint, segment)
+            self._copy_runs(transfer, segment, runs, endpoint.layout.block_bytes)
+            self._check_peer_alive(endpoint, segment)  # bytes from a dying peer are not trusted
+            transfer.succeed()
+        except TransferAborted:
+            pass
+        except Exception as exc:  # any failure ends the transfer, never the worker thread
+            transfer.fail(f"shm read from {endpoint.worker_id} failed: {type(exc).__name__}: {exc}")
+
+    def _copy_runs(
+        self, transfer: TransferState, segment: Segment, runs: list[BlockRun], block_bytes: int
+    ) -> None:
+        assert self._local is not None and segment.data is not None
+        src, dst = segment.data, self._local.data
+        chunk = self.config.shm.copy_chunk_bytes
+        for run in runs:
+            # one run = [remote_start, +num_blocks) -> [local_start, +num_blocks), moved in chunks
+            src_offset, dst_offset = run.remote_start * block_bytes, run.local_start * block_bytes
+            length = run.num_blocks * block_bytes
+            for begin in range(0, length, chunk):
+                end = min(begin + chunk, length)
+                with transfer.writing():
+                    dst[dst_offset + begin : dst_offset + end].copy_(
+                        src[src_offset + begin : src_offset + end]
+                    )
+
+    def _peer_segment(self, endpoint: TransferEndpoint, metadata: dict) -> Segment:
+        """The cached mapping of the peer's incarnation; a new incarnation drops the old one first."""
+        peer = self._peers.get(endpoint.worker_id)
+        if peer is not None and peer.incarnation == endpoint.incarnation:
+            return peer.segment
+        if peer is not None:
+            self._drop_peer(endpoint.worker_id)
+        try:
+            segment = map_segment(metadata["path"], metadata["nbytes"])
+        except FileNotFoundError as exc:
+            raise ConnectionError(
+                f"peer {endpoint.worker_id} incarnation {endpoint.incarnation} is gone (segment vanished)"
+            ) from exc
+        self._peers[endpoint.worker_id] = _Peer(endpoint.incarnation, segment)
+        return segment
+
+    def _check_peer_alive(self, endpoint: TransferEndpoint, segment: Segment) -> None:
+        if is_owner_alive(segment.fd):
+            return
+        self._drop_peer(endpoint.worker_id, unlink=True)  # the owner died: reap its segment
+        raise ConnectionError(f"peer {endpoint.worker_id} incarnation {endpoint.incarnation} exited")
+
+    def _drop_peer(self, worker_id: str, unlink: bool = False) -> None:
+        peer = self._peers.pop(worker_id, None)
+        if peer is not None:
+            peer.segment.close(unlink=unlink)
+
+    def peer_incarnations(self) -> dict[str, str]:
+        """worker id -> incarnation of every mapped peer (a query, for tests and debugging)."""
+        return {worker_id: peer.incarnation for worker_id, peer in self._peers.items()}
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Fail in-flight transfers, stop the worker, unmap peers, unlink own segments. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for transfer in list(self._inflight):
+            transfer.fail("transport closed")
+        self._worker.stop()
+        for worker_id in list(self._peers):
+            self._drop_peer(worker_id)
+        self._local = None
+        self._local_segment = None
+        self._finalizer()  # unlinks and unmaps our segments now
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} for {self.worker_id} is closed")
