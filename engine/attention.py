@@ -1,0 +1,148 @@
+"""Attention over the paged KV cache: per-step metadata and the torch (SDPA) backend.
+
+One step's batch is flattened to ``T`` tokens: first ``num_decode_tokens`` decode tokens (one per
+decoding sequence), then the prefill chunks, each a contiguous run of tokens of one sequence.
+Each layer writes the new tokens' K/V into their slots, then attends:
+
+- decode tokens as ONE batched SDPA: the sequences' blocks are gathered into a padded
+  ``[B, max_blocks * block_size]`` context and masked by context length; the query heads that share a
+  KV head are laid out as that KV head's query rows (GQA without repeating K/V);
+- each prefill chunk with one SDPA over its gathered context (causal within the chunk), or straight
+  over the chunk's own K/V when nothing precedes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens in the flattened batch."""
+
+    token_start: int  # index of the chunk's first token in the flattened batch
+    num_tokens: int  # n: new tokens in this chunk
+    context_start: int  # tokens of this sequence already in the cache before the chunk
+    block_table: torch.Tensor  # [num_blocks] int64: the blocks holding positions [0, context_start + n)
+    mask: torch.Tensor | None  # [1, 1, n, context_start + n] bool, None when context_start == 0 (causal)
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, built once and shared by all layers."""
+
+    slot_block_ids: torch.Tensor  # [T] int64: block that receives each new token's K/V
+    slot_offsets: torch.Tensor  # [T] int64: offset of that token inside its block
+    num_decode_tokens: int  # B: the first B tokens are single-token decodes, one per sequence
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool: key is in context
+    prefills: list[PrefillChunk]
+
+
+def build_prefill_mask(context_start: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """``[1, 1, n, context_start + n]`` bool: query ``i`` (at ``context_start + i``) sees keys up to it."""
+    if context_start == 0:
+        return None
+    query_positions = torch.arange(context_start, context_start + num_tokens, device=device)
+    key_positions = torch.arange(context_start + num_tokens, device=device)
+    return (key_positions[None, :] <= query_positions[:, None])[None, None]
+
+
+def build_decode_mask(context_lens: torch.Tensor, num_key_slots: int) -> torch.Tensor:
+    """``[B, 1, 1, num_key_slots]`` bool from context_lens ``[B]``: key slot ``j`` is used iff ``j < len``."""
+    key_positions = torch.arange(num_key_slots, device=context_lens.device)
+    return (key_positions[None, :] < context_lens[:, None])[:, None, None, :]
+
+
+class TorchAttention:
+    """Paged attention with ``scaled_dot_product_attention``; runs on CPU and CUDA."""
+
+    name = "torch"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.group_size = num_heads // num_kv_heads
+
+    @staticmethod
+    def write_kv(
+        layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Store new K/V; ``layer_cache`` is the ``[num_blocks, 2, block_size, kv_heads, head_dim]`` view."""
+        # Advanced indices on dims 0 and 2 (split by a slice) select [T, 2, kv_heads, head_dim].
+        layer_cache[meta.slot_block_ids, :, meta.slot_offsets] = torch.stack((key, value), dim=1)
+
+    def forward(
+        self,
+        layer_cache: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """query ``[T, heads, head_dim]``, key/value ``[T, kv_heads, head_dim]``; returns like query."""
+        self.write_kv(layer_cache, key, value, meta)
+        if meta.num_decode_tokens == len(query) and meta.decode_block_tables is not None:
+            return self._decode(layer_cache, query, meta)
+        output = torch.empty_like(query)
+        if meta.num_decode_tokens:
+            output[: meta.num_decode_tokens] = self._decode(
+                layer_cache, query[: meta.num_decode_tokens], meta
+            )
+        for chunk in meta.prefills:
+            end = chunk.token_start + chunk.num_tokens
+            output[chunk.token_start : end] = self._prefill(
+                layer_cache,
+                query[chunk.token_start : end],
+                key[chunk.token_start : end],
+                value[chunk.token_start : end],
+                chunk,
+            )
+        return output
+
+    def _decode(
+        self, layer_cache: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        batch = query.shape[0]
+        tables = meta.decode_block_tables  # [B, M]
+        # [B, M, block_size, kv_heads, head_dim] -> [B, kv_heads, M * block_size, head_dim]
+        keys = layer_cache[:, 0][tables].flatten(1, 2).transpose(1, 2)
+        values = layer_cache[:, 1][tables].flatten(1, 2).transpose(1, 2)
+        # GQA: the group's query heads become the KV head's query rows: [B, kv_heads, group, head_dim]
+        grouped = query.view(batch, self.num_kv_heads, self.group_size, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            grouped, keys, values, attn_mask=meta.decode_mask, scale=self.scale
+        )
+        return out.reshape(batch, self.num_heads, self.head_dim)
+
+    def _prefill(
+        self,
+        layer_cache: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        chunk: PrefillChunk,
+    ) -> torch.Tensor:
+        query_t = query.transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
+        if chunk.context_start == 0:
+            # Nothing cached before the chunk: attend over its own K/V, causal.
+            keys = key.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, n, head_dim]
+            values = value.transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(
+                query_t, keys, values, is_causal=True, scale=self.scale, enable_gqa=True
+            )
+        else:
+            context_len = chunk.context_start + chunk.num_tokens
+            # [num_blocks, block_size, kv_heads, head_dim] -> [1, kv_heads, context_len, head_dim]
+            keys = layer_cache[:, 0][chunk.block_table].flatten(0, 1)[:context_len].transpose(0, 1)[None]
+            values = layer_cache[:, 1][chunk.block_table].flatten(0, 1)[:context_len].transpose(0, 1)[None]
+            out = F.scaled_dot_product_attention(
+                query_t, keys, values, attn_mask=chunk.mask, scale=self.scale, enable_gqa=True
+            )
+        return out[0].transpose(0, 1)  # [n, heads, head_dim]

@@ -1,0 +1,152 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) written against the paged KV cache.
+
+Parameter names match ``transformers``' ``*ForCausalLM`` so checkpoints load by name. The forward
+takes flattened tokens of the whole step (``[T]``), their positions, the pool and one
+``AttentionMetadata``; it never sees requests or blocks beyond that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, TorchAttention
+from engine.model_config import ModelConfig
+from engine.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and scaled in the input dtype, exactly as ``transformers``."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+class Attention(nn.Module):
+    """Self-attention block: projections, optional q/k norm, RoPE, paged attention, output projection."""
+
+    def __init__(self, config: ModelConfig, backend: TorchAttention) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
+        if config.has_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.has_qk_norm = config.has_qk_norm
+        self.backend = backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        query = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
+        key = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.has_qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        out = self.backend.forward(layer_cache, query, key, value, meta)  # [T, heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, config: ModelConfig, backend: TorchAttention) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, backend)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, cos, sin, layer_cache, meta):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, layer_cache, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class _Body(nn.Module):
+    """``model.*`` in HF naming: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig, backend: TorchAttention) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM over a block-contiguous paged KV pool."""
+
+    def __init__(
+        self, config: ModelConfig, hf_config: Any, backend: TorchAttention, max_positions: int
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.hf_config = hf_config
+        self.max_positions = max_positions
+        self.model = _Body(config, backend)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None  # built by ``init_rotary`` once weights sit on a device
+
+    def init_rotary(self) -> None:
+        """Build the RoPE table on the weights' device and dtype (after loading)."""
+        weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(self.hf_config, self.max_positions, weight.dtype, weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions ``[T]``; kv_cache ``[num_blocks, layers, 2, block_size, kv_heads, head_dim]``.
+
+        Returns the final hidden states ``[T, hidden]`` (after the last norm).
+        """
+        assert self.rotary is not None, "init_rotary() must run after loading weights"
+        cos, sin = self.rotary.lookup(positions)
+        hidden = self.model.embed_tokens(input_ids)
+        for index, layer in enumerate(self.model.layers):
+            hidden = layer(hidden, cos, sin, kv_cache[:, index], meta)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden]`` -> ``[N, vocab]`` float32."""
+        return self.lm_head(hidden).float()

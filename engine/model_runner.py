@@ -1,0 +1,132 @@
+"""ModelRunner: turns a scheduled step into tensors, runs the model over the paged cache, returns logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillChunk, build_decode_mask, build_prefill_mask
+from engine.model import CausalLM
+from engine.scheduler import ScheduledSequence
+from engine.sequence import Sequence
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] int64: last token of each sequence that samples this step
+    sampling_seqs: list[Sequence]  # the S sequences, in logits row order
+
+
+class ModelRunner:
+    """Runs one step of ``CausalLM`` for a batch mixing decode tokens and prefill chunks."""
+
+    def __init__(
+        self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: torch.device
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache  # [num_blocks, layers, 2, block_size, kv_heads, head_dim]
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Logits ``[S, vocab]`` float32 for the sequences that complete this step, and those sequences."""
+        model_input = self.prepare(scheduled)
+        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_cache, model_input.meta)
+        logits = self.model.compute_logits(hidden[model_input.logits_indices])
+        return logits, model_input.sampling_seqs
+
+    def prepare(self, scheduled: list[ScheduledSequence]) -> ModelInput:
+        """Flatten the step: single-token items first (one batched decode attention), then chunks."""
+        decodes = [item for item in scheduled if item.num_tokens == 1]
+        chunks = [item for item in scheduled if item.num_tokens > 1]
+        ids: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        slot_blocks: list[torch.Tensor] = []
+        logits_indices: list[int] = []
+        sampling_seqs: list[Sequence] = []
+        decode_tables = decode_mask = None
+        if decodes:
+            decode_tables, decode_mask = self._prepare_decodes(decodes, ids, positions, slot_blocks)
+            for row, item in enumerate(decodes):
+                if item.completes_sequence:
+                    logits_indices.append(row)
+                    sampling_seqs.append(item.seq)
+        prefills = []
+        token_start = len(decodes)
+        for item in chunks:
+            prefills.append(self._prepare_chunk(item, token_start, ids, positions, slot_blocks))
+            token_start += item.num_tokens
+            if item.completes_sequence:
+                logits_indices.append(token_start - 1)
+                sampling_seqs.append(item.seq)
+        position_tensor = torch.cat(positions)
+        meta = AttentionMetadata(
+            slot_block_ids=torch.cat(slot_blocks),
+            slot_offsets=position_tensor % self.block_size,
+            num_decode_tokens=len(decodes),
+            decode_block_tables=decode_tables,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+        return ModelInput(
+            input_ids=torch.cat(ids),
+            positions=position_tensor,
+            meta=meta,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+            sampling_seqs=sampling_seqs,
+        )
+
+    def _prepare_decodes(
+        self,
+        decodes: list[ScheduledSequence],
+        ids: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        slot_blocks: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.block_size
+        token_ids, token_positions, blocks, tables = [], [], [], []
+        max_blocks = max(len(item.seq.block_ids) for item in decodes)
+        for item in decodes:
+            seq = item.seq
+            position = seq.num_computed_tokens
+            token_ids.append(seq.token_ids[position])
+            token_positions.append(position)
+            blocks.append(seq.block_ids[position // size])
+            tables.append(seq.block_ids + [0] * (max_blocks - len(seq.block_ids)))  # padding is masked
+        device = self.device
+        position_tensor = torch.tensor(token_positions, dtype=torch.long, device=device)
+        ids.append(torch.tensor(token_ids, dtype=torch.long, device=device))
+        positions.append(position_tensor)
+        slot_blocks.append(torch.tensor(blocks, dtype=torch.long, device=device))
+        block_tables = torch.tensor(tables, dtype=torch.long, device=device)  # [B, max_blocks]
+        mask = build_decode_mask(position_tensor + 1, max_blocks * size)  # context includes the new token
+        return block_tables, mask
+
+    def _prepare_chunk(
+        self,
+        item: ScheduledSequence,
+        token_start: int,
+        ids: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        slot_blocks: list[torch.Tensor],
+    ) -> PrefillChunk:
+        seq, start, count = item.seq, item.seq.num_computed_tokens, item.num_tokens
+        device = self.device
+        chunk_positions = torch.arange(start, start + count, dtype=torch.long, device=device)
+        num_blocks = -(-(start + count) // self.block_size)
+        block_table = torch.tensor(seq.block_ids[:num_blocks], dtype=torch.long, device=device)
+        ids.append(torch.tensor(seq.token_ids[start : start + count], dtype=torch.long, device=device))
+        positions.append(chunk_positions)
+        slot_blocks.append(block_table[chunk_positions // self.block_size])
+        return PrefillChunk(
+            token_start=token_start,
+            num_tokens=count,
+            context_start=start,
+            block_table=block_table,
+            mask=build_prefill_mask(start, count, device),
+        )

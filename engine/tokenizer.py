@@ -1,0 +1,58 @@
+"""Tokenizers: the byte-level one of the built-in model, and a checkpoint directory's HF tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from engine.builtin import BOS_TOKEN_ID, BYTE_VOCAB, EOS_TOKEN_ID, PAD_TOKEN_ID
+
+
+class Tokenizer(Protocol):
+    """What the engine and the workers use of a tokenizer."""
+
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; BOS, EOS and PAD follow. ``encode`` prepends BOS."""
+
+    bos_token_id = BOS_TOKEN_ID
+    eos_token_id = EOS_TOKEN_ID
+    pad_token_id = PAD_TOKEN_ID
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Text to token ids: BOS then one token per UTF-8 byte."""
+        ids = list(text.encode("utf-8"))
+        return [BOS_TOKEN_ID, *ids] if add_bos else ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Token ids to text; special and padding ids are dropped, broken UTF-8 becomes U+FFFD."""
+        return bytes(t for t in token_ids if 0 <= t < BYTE_VOCAB).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer behind the engine's small ``Tokenizer`` protocol."""
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self.hf_tokenizer = hf_tokenizer
+        self.eos_token_id: int | None = hf_tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids, with the tokenizer's own special tokens (e.g. BOS)."""
+        return list(self.hf_tokenizer.encode(text))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Ids to text, special tokens skipped."""
+        return self.hf_tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def load_tokenizer(path: str) -> HFTokenizer:
+    """The tokenizer saved in a local checkpoint directory (never downloads)."""
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
