@@ -1,0 +1,92 @@
+"""Router configuration: one frozen, validated dataclass.
+
+Watermarks are in **queued prefill tokens** (what a prefill worker still has to compute: the uncached
+tokens of its waiting requests plus what is left of the running ones), because that is what turns
+into time-to-first-token for the next request. Each watermark is the larger of an absolute floor and
+a multiple of the pool's mean:
+
+    high(pool) = max(high_watermark_tokens, high_load_factor * mean_queued_tokens)
+    low(pool)  = max(low_watermark_tokens,  low_load_factor  * mean_queued_tokens)
+
+A worker becomes *hot* when a report shows it strictly above ``high`` and becomes *cool* again only
+when a report shows it strictly below ``low`` (hysteresis: between the two it keeps its state). The
+absolute floors keep the router on the cache owner while queues are short (a few thousand tokens
+queued cost a few milliseconds on a GPU; losing the cache costs more); the relative part is the
+"bounded load" of consistent hashing with bounded loads (Mirrokni et al., 2018): under heavy load no
+worker is sent work while it holds more than ``high_load_factor`` times the mean. Set a factor to 0 to
+use the absolute floor alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("prefix_hash", "round_robin", "least_loaded", "consistent_hash")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How the router picks prefill and decode workers.
+
+    Attributes:
+        policy: ``"prefix_hash"`` (ring owner of the prompt's prefix key, load-watermark fallback),
+            ``"round_robin"``, ``"least_loaded"`` (fewest queued prefill tokens) or
+            ``"consistent_hash"`` (ring owner always, no load fallback; a baseline).
+        block_size: tokens per KV block; must equal the engine's block size so the prefix key is
+            the chain hash the workers compute.
+        prefix_depth_blocks: how many leading full blocks the prefix key covers (fewer if the prompt
+            has fewer). Deep enough to get past prompts' shared preamble (system prompt) so that
+            distinct conversations spread over the ring; each block costs one BLAKE2b call (~2 us).
+        virtual_nodes: points per worker on the hash ring (more: smoother key shares).
+        high_watermark_tokens: absolute floor of the high watermark, in queued prefill tokens.
+        low_watermark_tokens: absolute floor of the low watermark; must be below the high one.
+        high_load_factor: relative high watermark as a multiple of the pool's mean queued prefill
+            tokens (bounded load, ``1 + epsilon``); 0 disables the relative part.
+        low_load_factor: relative low watermark; below ``high_load_factor`` when that is on.
+        hash_seed: seeds the ring's virtual-node positions; every ingress replica must use the same.
+    """
+
+    policy: str = "prefix_hash"
+    block_size: int = 16
+    prefix_depth_blocks: int = 4
+    virtual_nodes: int = 256
+    high_watermark_tokens: int = 8192
+    low_watermark_tokens: int = 4096
+    high_load_factor: float = 1.5
+    low_load_factor: float = 1.2
+    hash_seed: str = "pdserve/ring/v1"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.prefix_depth_blocks <= 0:
+            raise ValueError(f"prefix_depth_blocks must be positive, got {self.prefix_depth_blocks}")
+        if self.virtual_nodes <= 0:
+            raise ValueError(f"virtual_nodes must be positive, got {self.virtual_nodes}")
+        if self.low_watermark_tokens < 0:
+            raise ValueError(f"low_watermark_tokens must be >= 0, got {self.low_watermark_tokens}")
+        if self.high_watermark_tokens <= self.low_watermark_tokens:
+            raise ValueError(
+                f"high_watermark_tokens ({self.high_watermark_tokens}) must be above "
+                f"low_watermark_tokens ({self.low_watermark_tokens})"
+            )
+        if self.high_load_factor != 0 and self.high_load_factor < 1:
+            raise ValueError(f"high_load_factor must be 0 (off) or >= 1, got {self.high_load_factor}")
+        if self.low_load_factor < 0:
+            raise ValueError(f"low_load_factor must be >= 0, got {self.low_load_factor}")
+        if self.high_load_factor == 0 and self.low_load_factor != 0:
+            raise ValueError("low_load_factor must be 0 when high_load_factor is 0 (relative watermark off)")
+        if self.high_load_factor != 0 and self.low_load_factor >= self.high_load_factor:
+            raise ValueError(
+                f"low_load_factor ({self.low_load_factor}) must be below "
+                f"high_load_factor ({self.high_load_factor})"
+            )
+        if not self.hash_seed:
+            raise ValueError("hash_seed must be a non-empty string")
+
+    @property
+    def prefix_depth_tokens(self) -> int:
+        """Tokens covered by a full-depth prefix key."""
+        return self.block_size * self.prefix_depth_blocks

@@ -1,0 +1,54 @@
+"""What the router answers: named results that travel with the request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from engine.block_hash import BlockHash
+
+
+class RouteReason(str, Enum):
+    """Why a worker was chosen (a ``str``: it serializes as its value)."""
+
+    RING_OWNER = "ring_owner"  # the prefix key's owner on the hash ring
+    RING_WALK = "ring_walk"  # the owner was above its watermark: next cool worker in ring order
+    LEAST_LOADED = "least_loaded"  # all above the watermark, no prefix key, or the least_loaded policy
+    ROUND_ROBIN = "round_robin"  # the round_robin policy, or no load reports to decide on
+    KV_HEADROOM = "kv_headroom"  # decode: the worker with the most free KV blocks that fits the request
+
+
+@dataclass(frozen=True)
+class PrefillChoice:
+    """The prefill worker for a request.
+
+    Attributes:
+        worker_id: the chosen worker.
+        reason: why it was chosen.
+        prefix_key: the prompt's prefix key (chain hash of its leading full blocks, salted by tenant),
+            or None when the prompt has no full block (nothing cacheable to route by).
+    """
+
+    worker_id: str
+    reason: RouteReason
+    prefix_key: BlockHash | None
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    """The decode worker for a request and why."""
+
+    worker_id: str
+    reason: RouteReason
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Both choices for a request; ``reason`` is the prefill reason (the one that moves caches)."""
+
+    prefill: PrefillChoice
+    decode: DecodeChoice
+
+    @property
+    def reason(self) -> RouteReason:
+        return self.prefill.reason

@@ -1,0 +1,173 @@
+"""Worker load reports and the per-pool load table with watermark hysteresis.
+
+Workers report their load; every ingress replica keeps its own table from those reports (no shared
+state). A worker's hot/cool state changes only when its own report arrives, so two tables fed the
+same reports in the same order hold the same state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from router.config import RouterConfig
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One worker's load at one moment.
+
+    Attributes:
+        worker_id: the replica id the router knows the worker by.
+        queued_prefill_tokens: prompt tokens the worker has accepted but not yet computed (uncached
+            tokens of waiting requests plus the rest of running prefills).
+        running_requests: requests the worker holds (waiting + running).
+        free_kv_blocks: KV blocks it could allocate now (free or evictable cached blocks).
+        total_kv_blocks: size of its KV pool in blocks.
+        reported_at: when the report was taken (seconds, any clock the worker keeps monotonic); a
+            report older than the one held for the same worker is ignored.
+    """
+
+    worker_id: str
+    queued_prefill_tokens: int
+    running_requests: int
+    free_kv_blocks: int
+    total_kv_blocks: int
+    reported_at: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.worker_id, str) or not self.worker_id:
+            raise ValueError(f"worker_id must be a non-empty string, got {self.worker_id!r}")
+        for name in ("queued_prefill_tokens", "running_requests", "free_kv_blocks", "total_kv_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.free_kv_blocks > self.total_kv_blocks:
+            raise ValueError(
+                f"free_kv_blocks ({self.free_kv_blocks}) exceeds total_kv_blocks ({self.total_kv_blocks})"
+            )
+        if not math.isfinite(self.reported_at):
+            raise ValueError(f"reported_at must be finite, got {self.reported_at}")
+
+
+class LoadTable:
+    """Latest report per worker of one pool, what the router sent since, and hot/cool state.
+
+    Between two reports from a worker the router adds what it has itself sent there
+    (:meth:`debit`), so a burst of decisions does not all land on one worker that looked idle in its
+    last report; the worker's next report replaces the estimate. Workers without a report count as
+    idle (0 queued tokens, cool) for prefill; see ``free_kv_blocks`` for decode.
+    """
+
+    def __init__(self, config: RouterConfig, worker_ids: Iterable[str] = ()):
+        self._config = config
+        self._members: tuple[str, ...] = ()
+        self._member_set: frozenset[str] = frozenset()
+        self._reports: dict[str, LoadReport] = {}
+        # Sent since the worker's last report: [queued prefill tokens, running requests, kv blocks].
+        self._pending: dict[str, list[int]] = {}
+        self._hot: set[str] = set()
+        self.set_workers(worker_ids)
+
+    @property
+    def worker_ids(self) -> tuple[str, ...]:
+        """Members in sorted order (a deterministic iteration order for tie-breaks)."""
+        return self._members
+
+    def set_workers(self, worker_ids: Iterable[str]) -> None:
+        """Replace the members; reports and state of workers that stay are kept, others dropped."""
+        members = tuple(sorted(set(worker_ids)))
+        keep = set(members)
+        self._members = members
+        self._member_set = frozenset(members)
+        self._reports = {w: r for w, r in self._reports.items() if w in keep}
+        self._pending = {w: p for w, p in self._pending.items() if w in keep}
+        self._hot &= keep
+        self._total_queued = sum(self.queued_tokens(w) for w in members)
+
+    def update(self, report: LoadReport) -> bool:
+        """Store a report (dropping the local estimate) and update that worker's hot/cool state.
+
+        Returns False (and changes nothing) when the worker is not a member or the report is older
+        than the one held.
+        """
+        worker_id = report.worker_id
+        if worker_id not in self._member_set:
+            return False
+        previous = self._reports.get(worker_id)
+        if previous is not None and report.reported_at < previous.reported_at:
+            return False
+        self._total_queued -= self.queued_tokens(worker_id)
+        self._reports[worker_id] = report
+        self._pending.pop(worker_id, None)
+        self._total_queued += report.queued_prefill_tokens
+        self._update_state(worker_id)
+        return True
+
+    def debit(
+        self, worker_id: str, queued_tokens: int = 0, running_requests: int = 0, kv_blocks: int = 0
+    ) -> None:
+        """Add work the router has just sent to ``worker_id`` (until its next report)."""
+        if worker_id not in self._member_set:
+            raise KeyError(f"unknown worker {worker_id!r}")
+        pending = self._pending.setdefault(worker_id, [0, 0, 0])
+        pending[0] += queued_tokens
+        pending[1] += running_requests
+        pending[2] += kv_blocks
+        self._total_queued += queued_tokens
+        self._update_state(worker_id)
+
+    def _update_state(self, worker_id: str) -> None:
+        queued = self.queued_tokens(worker_id)
+        if worker_id in self._hot:
+            if queued < self.low_watermark():
+                self._hot.discard(worker_id)
+        elif queued > self.high_watermark():
+            self._hot.add(worker_id)
+
+    def mean_queued_tokens(self) -> float:
+        """Mean queued prefill tokens over members (unreported workers count as 0)."""
+        return self._total_queued / len(self._members) if self._members else 0.0
+
+    def high_watermark(self) -> float:
+        """Current high watermark in queued prefill tokens (see RouterConfig)."""
+        return max(
+            self._config.high_watermark_tokens, self._config.high_load_factor * self.mean_queued_tokens()
+        )
+
+    def low_watermark(self) -> float:
+        """Current low watermark in queued prefill tokens (see RouterConfig)."""
+        return max(
+            self._config.low_watermark_tokens, self._config.low_load_factor * self.mean_queued_tokens()
+        )
+
+    def is_hot(self, worker_id: str) -> bool:
+        """Whether the worker is above its watermark (entered above high, not yet below low)."""
+        return worker_id in self._hot
+
+    def has_report(self, worker_id: str) -> bool:
+        return worker_id in self._reports
+
+    def report(self, worker_id: str) -> LoadReport | None:
+        """The last report received from a worker (without the local estimate), if any."""
+        return self._reports.get(worker_id)
+
+    def queued_tokens(self, worker_id: str) -> int:
+        """Reported queued prefill tokens plus what was sent since (0 if never reported)."""
+        report = self._reports.get(worker_id)
+        pending = self._pending.get(worker_id)
+        return (report.queued_prefill_tokens if report else 0) + (pending[0] if pending else 0)
+
+    def running_requests(self, worker_id: str) -> int:
+        """Reported running requests plus those sent since (0 if never reported)."""
+        report = self._reports.get(worker_id)
+        pending = self._pending.get(worker_id)
+        return (report.running_requests if report else 0) + (pending[1] if pending else 0)
+
+    def free_kv_blocks(self, worker_id: str) -> int | None:
+        """Reported free KV blocks minus those sent since (may go negative); None if never reported."""
+        report = self._reports.get(worker_id)
+        if report is None:
+            return None
+        pending = self._pending.get(worker_id)
+        return report.free_kv_blocks - (pending[2] if pending else 0)
