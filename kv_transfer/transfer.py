@@ -74,7 +74,7 @@ class TransferState(Transfer):
             now = time.monotonic()
             if now >= wait_until:
                 if now >= self.deadline:
-                    self.fail(f"timed out after {self.timeout_s:g}s")
+                    self.fail(self._timeout_error())
                 else:
                     self.fail(f"wait() timed out after {timeout:g}s")
                 return self._status
@@ -93,7 +93,10 @@ class TransferState(Transfer):
             return not self.is_terminal
 
     def succeed(self) -> bool:
-        """End DONE (unless already terminal); True when this call ended it."""
+        """End DONE (unless already terminal, or past the deadline: then FAILED); True when DONE now."""
+        if time.monotonic() > self.deadline:
+            self.fail(self._timeout_error())
+            return False
         return self._finish(TransferStatus.DONE, None)
 
     def fail(self, error: str) -> bool:
@@ -103,6 +106,8 @@ class TransferState(Transfer):
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the transfer while one chunk of bytes is written; raise if it already ended."""
+        if time.monotonic() > self.deadline:
+            self.fail(self._timeout_error())
         with self._lock:
             if self.is_terminal:
                 raise TransferAborted(self._error or "transfer already ended")
@@ -125,7 +130,10 @@ class TransferState(Transfer):
             return
         self._poll()
         if not self.is_terminal and time.monotonic() >= self.deadline:
-            self.fail(f"timed out after {self.timeout_s:g}s")
+            self.fail(self._timeout_error())
+
+    def _timeout_error(self) -> str:
+        return f"timed out after {self.timeout_s:g}s (TransportConfig.timeout_s)"
 
     def _finish(self, status: TransferStatus, error: str | None) -> bool:
         with self._lock:
