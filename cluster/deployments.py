@@ -1,0 +1,177 @@
+"""The prefill and decode Serve deployments: thin adapters around ``PrefillWorker`` / ``DecodeWorker``.
+
+Each replica builds its KV transport (``kv_transfer.make_transport``), lets the transport allocate the
+engine's KV pool (so the pool is memory the transport can serve), and runs the engine in one
+background thread (``prefill_worker.engine_loop``). Every method takes an optional
+``target_replica_id`` keyword: ``cluster.routing.TargetedRequestRouter`` reads it to reach this exact
+replica; the method itself ignores it.
+
+Replicas publish their load twice: ``record_routing_stats`` (read by the ingress's routers) and
+``record_autoscaling_stats`` (the custom metrics ``cluster.autoscaling`` policies read: prefill
+``queued_prefill_tokens`` and ``running_requests``; decode ``kv_blocks_used_fraction`` and
+``running_requests``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.config import ClusterConfig, config_from_dict
+from cluster.model_info import load_model_info
+from cluster.stats import replica_stats
+from prefill_worker.requests import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
+
+logger = logging.getLogger(__name__)
+
+
+def engine_config_of(config: ClusterConfig) -> Any:
+    """The engine's config for one worker replica."""
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=config.model,
+        dtype=config.dtype,
+        block_size=config.block_size,
+        kv_cache_bytes=config.kv_cache_bytes,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=config.max_model_len,
+    )
+
+
+def transport_config_of(config: ClusterConfig) -> Any:
+    """The KV transport's typed config from the cluster's ``kv_transfer`` section."""
+    from kv_transfer.config import TransportConfig
+
+    return TransportConfig(backend=config.kv_transfer.backend, timeout_s=config.kv_transfer.timeout_s)
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    return serve.get_replica_context().replica_id.unique_id
+
+
+def _build_engine(config: ClusterConfig, transport: Any, torch_threads: int | None) -> Any:
+    import torch
+
+    from engine.llm_engine import LLMEngine
+
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    allocator = transport.allocate_pool if transport is not None else None
+    return LLMEngine(engine_config_of(config), kv_allocator=allocator)
+
+
+class PrefillDeployment:
+    """A prefill replica."""
+
+    def __init__(self, config_dict: dict[str, Any]) -> None:
+        from kv_transfer import make_transport
+        from prefill_worker.worker import PrefillWorker
+
+        config = config_from_dict(config_dict)
+        self.replica_id = _replica_id()
+        transport = make_transport(transport_config_of(config), self.replica_id)
+        engine = _build_engine(config, transport, config.prefill.torch_threads)
+        limits = load_model_info(config).limits
+        self.worker = PrefillWorker(
+            engine,
+            transport,
+            self.replica_id,
+            config.dtype,
+            config.block_size,
+            config.lease_s,
+            limits.max_model_len,
+        )
+
+    async def prefill(self, request: WorkerRequest, target_replica_id: str | None = None) -> PrefillResult:
+        return await self.worker.prefill(request)
+
+    async def release(self, request_id: str, target_replica_id: str | None = None) -> bool:
+        return await self.worker.release(request_id)
+
+    async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
+        await self.worker.abort(request_id)
+
+    async def replica_stats(self, target_replica_id: str | None = None) -> dict[str, Any]:
+        return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
+        stats = replica_stats(self.worker.stats())
+        stats["replica_id"] = self.replica_id
+        stats["pinned_requests"] = self.worker.num_pinned
+        stats["leases_expired"] = self.worker.num_leases_expired
+        return stats
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self._stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        stats = self._stats()
+        return {
+            "queued_prefill_tokens": float(stats["queued_prefill_tokens"]),
+            "running_requests": float(stats["running_requests"]),
+        }
+
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
+
+
+class DecodeDeployment:
+    """A decode replica (in colocated mode: a replica that prefills and decodes its own requests)."""
+
+    def __init__(self, config_dict: dict[str, Any]) -> None:
+        from decode_worker.worker import DecodeWorker
+        from kv_transfer import make_transport
+
+        config = config_from_dict(config_dict)
+        self.replica_id = _replica_id()
+        transport = (
+            None if config.is_colocated else make_transport(transport_config_of(config), self.replica_id)
+        )
+        engine = _build_engine(config, transport, config.decode.torch_threads)
+        self.worker = DecodeWorker(
+            engine,
+            transport,
+            self.replica_id,
+            config.kv_transfer.backend,
+            config.kv_transfer.timeout_s,
+            config.dtype,
+            config.block_size,
+        )
+
+    async def generate(
+        self, work: DecodeRequest, target_replica_id: str | None = None
+    ) -> AsyncIterator[DecodeChunk]:
+        async for chunk in self.worker.generate(work):
+            yield chunk
+
+    async def replica_stats(self, target_replica_id: str | None = None) -> dict[str, Any]:
+        return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
+        stats = replica_stats(self.worker.stats())
+        stats["replica_id"] = self.replica_id
+        stats["recomputed_requests"] = self.worker.num_recomputed
+        return stats
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self._stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        stats = self._stats()
+        total = max(1, int(stats["kv_blocks_total"]))
+        return {
+            "kv_blocks_used_fraction": float(stats["kv_blocks_used"]) / total,
+            "running_requests": float(stats["running_requests"]),
+        }
+
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()

@@ -1,0 +1,232 @@
+"""One request's path through the cluster, as the ingress drives it (docs/request-path.md).
+
+disaggregated: choose a prefill replica -> ``prefill`` (first token + KV handle) -> stream the first
+token to the client at once (TTFT) -> choose a decode replica -> stream ``generate`` from it; its first
+message reports the pull, and the ingress then tells the prefill replica that pinned the blocks to
+release them. colocated: one decode replica does everything (``DecodeRequest`` without a handle).
+
+A client cancel or disconnect arrives as ``asyncio.CancelledError`` wherever the path is waiting: the
+decode stream is cancelled (the decode replica aborts and frees its blocks), and a prefill that is still
+running or pinned is aborted on its replica (fire-and-forget, so the cancel itself cannot cancel it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.config import ClusterConfig
+from cluster.model_info import ModelInfo
+from cluster.replica_directory import REPLICA_DIRECTORY
+from cluster.route_policy import RoutePolicy
+from cluster.validation import ValidRequest
+from engine.detokenizer import StopStringChecker
+from prefill_worker.requests import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
+from protos import pdserve_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop": pb.FINISH_REASON_STOP,
+    "eos": pb.FINISH_REASON_EOS,
+    "context": pb.FINISH_REASON_CONTEXT,
+}
+
+PREFILL_DEPLOYMENT = "PrefillDeployment"
+DECODE_DEPLOYMENT = "DecodeDeployment"
+
+
+@dataclass
+class _Trace:
+    """Timings and facts of one request, filled in as it moves."""
+
+    arrival: float = field(default_factory=time.perf_counter)
+    first_sent: float | None = None
+    last_sent: float | None = None
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    kv_transfer_ms: float = 0.0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    route: pb.RouteInfo = field(default_factory=pb.RouteInfo)
+
+
+class RequestPath:
+    """Drives requests through the pools; one per ingress replica."""
+
+    def __init__(self, config: ClusterConfig, model: ModelInfo, prefill: Any, decode: Any) -> None:
+        self.config = config
+        self.model = model
+        self.prefill = prefill  # DeploymentHandle of PrefillDeployment (None when colocated)
+        self.decode = decode  # DeploymentHandle of DecodeDeployment
+        self.decode_stream = decode.options(stream=True)
+        self.policy = RoutePolicy(config.router, config.block_size)
+        self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget notices kept alive here
+
+    async def generate(self, request: ValidRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Yield the responses of one validated request (the last one carries usage and timings)."""
+        trace = _Trace()
+        internal_id = f"{request.request_id}#{uuid.uuid4().hex[:8]}"  # unique in the engines
+        work = WorkerRequest(
+            internal_id, request.prompt_token_ids, request.sampling, request.tenant, time.time()
+        )
+        text = StopStringChecker(self.model.tokenizer, request.sampling.stop)
+        source: Any
+        if self.config.is_colocated:
+            source = self._colocated(work, trace)
+        else:
+            source = self._disaggregated(work, trace)
+        try:
+            async for response in self._responses(source, request, trace, text):
+                yield response
+        finally:
+            await source.aclose()  # runs the path's cleanup now, even when we were cancelled at a yield
+
+    async def _responses(
+        self,
+        source: AsyncIterator[tuple[list[int], str | None]],
+        request: ValidRequest,
+        trace: _Trace,
+        text: StopStringChecker,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        output_ids: list[int] = []
+        async for token_ids, finish_reason in source:
+            output_ids.extend(token_ids)
+            text.update(output_ids)
+            response = pb.GenerateResponse(
+                request_id=request.request_id,
+                token_ids=token_ids,
+                text=text.take_new_text(finish_reason is not None),
+            )
+            now = time.perf_counter()
+            if trace.first_sent is None:
+                trace.first_sent = now
+            trace.last_sent = now
+            trace.num_output_tokens = len(output_ids)
+            if finish_reason is not None:
+                self._finish(response, request, trace, finish_reason)
+            yield response
+            if finish_reason is not None:
+                return
+
+    # ---- the two paths: each yields (new token ids, finish reason or None) ------------------------
+
+    async def _disaggregated(
+        self, work: WorkerRequest, trace: _Trace
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
+        prefill_views = REPLICA_DIRECTORY.replicas(PREFILL_DEPLOYMENT)
+        decode_views = REPLICA_DIRECTORY.replicas(DECODE_DEPLOYMENT)
+        choice = self.policy.choose_prefill(work.prompt_token_ids, work.tenant, prefill_views, decode_views)
+        result: PrefillResult | None = None
+        is_released = False
+        try:
+            result = await self.prefill.prefill.remote(work, target_replica_id=choice.replica_id)
+            trace.prefill_ms = result.prefill_ms
+            trace.queue_ms = (time.perf_counter() - trace.arrival) * 1e3 - result.prefill_ms
+            trace.num_cached_tokens = result.num_cached_tokens
+            trace.route.prefill_replica = result.replica_id
+            trace.route.reason = f"prefill={choice.reason}"
+            if result.handle is None:
+                is_released = True  # the prefill replica unpinned at once: nothing left to decode
+                yield [result.first_token_id], result.finish_reason
+                return
+            yield [result.first_token_id], None
+            decode_choice = self.policy.choose_decode(len(result.handle.block_ids), decode_views)
+            trace.route.reason += f" decode={decode_choice.reason}"
+            work_item = DecodeRequest(work, result.first_token_id, result.handle)
+            stream = self.decode_stream.generate.remote(work_item, target_replica_id=decode_choice.replica_id)
+            try:
+                async for chunk in stream:
+                    if chunk.is_transfer_report:
+                        self._on_transfer(chunk, trace)
+                        self._notify_prefill("release", result)
+                        is_released = True
+                        continue
+                    yield chunk.token_ids, (chunk.finish_reason or "length") if chunk.finished else None
+                    if chunk.finished:
+                        return
+            finally:
+                stream.cancel()
+        finally:
+            if not is_released:
+                # Cancelled or failed before the decode side pulled: nothing may stay pinned or queued.
+                self._notify_prefill("abort", result, work.request_id, choice.replica_id)
+
+    async def _colocated(
+        self, work: WorkerRequest, trace: _Trace
+    ) -> AsyncIterator[tuple[list[int], str | None]]:
+        decode_views = REPLICA_DIRECTORY.replicas(DECODE_DEPLOYMENT)
+        expected_blocks = -(-len(work.prompt_token_ids) // self.config.block_size)
+        choice = self.policy.choose_decode(expected_blocks, decode_views)
+        trace.route.reason = f"colocated={choice.reason}"
+        stream = self.decode_stream.generate.remote(
+            DecodeRequest(work, None, None), target_replica_id=choice.replica_id
+        )
+        try:
+            async for chunk in stream:
+                if chunk.is_transfer_report:
+                    trace.route.decode_replica = chunk.replica_id
+                    trace.route.prefill_replica = chunk.replica_id
+                    trace.queue_ms = (time.perf_counter() - trace.arrival) * 1e3
+                    continue
+                trace.num_cached_tokens = max(trace.num_cached_tokens, chunk.num_cached_tokens)
+                yield chunk.token_ids, (chunk.finish_reason or "length") if chunk.finished else None
+                if chunk.finished:
+                    return
+        finally:
+            stream.cancel()
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _on_transfer(self, chunk: DecodeChunk, trace: _Trace) -> None:
+        trace.kv_transfer_ms = chunk.kv_transfer_ms
+        trace.route.decode_replica = chunk.replica_id
+        trace.route.kv_transport = chunk.kv_transport
+
+    def _notify_prefill(
+        self,
+        method: str,
+        result: PrefillResult | None,
+        request_id: str = "",
+        fallback_replica: str | None = None,
+    ) -> None:
+        """Send release/abort to the prefill replica holding the request, without waiting for it."""
+        request_id = result.request_id if result is not None else request_id
+        replica = result.replica_id if result is not None else fallback_replica
+        call = getattr(self.prefill, method).remote(request_id, target_replica_id=replica)
+
+        async def wait() -> None:
+            try:
+                await call
+            except Exception as error:  # a dead replica's lease already ended; nothing else to do
+                logger.warning("%s of %s on %s failed: %s", method, request_id, replica, error)
+
+        task = asyncio.get_running_loop().create_task(wait())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _finish(
+        self, response: pb.GenerateResponse, request: ValidRequest, trace: _Trace, reason: str
+    ) -> None:
+        response.finish_reason = FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED)
+        response.usage.prompt_tokens = len(request.prompt_token_ids)
+        response.usage.cached_tokens = trace.num_cached_tokens
+        response.usage.completion_tokens = trace.num_output_tokens
+        first = trace.first_sent or trace.arrival
+        last = trace.last_sent or first
+        timings = response.timings
+        timings.queue_ms = max(0.0, trace.queue_ms)
+        timings.prefill_ms = trace.prefill_ms
+        timings.kv_transfer_ms = trace.kv_transfer_ms
+        timings.ttft_ms = (first - trace.arrival) * 1e3
+        timings.mean_tpot_ms = (
+            (last - first) * 1e3 / (trace.num_output_tokens - 1) if trace.num_output_tokens > 1 else 0.0
+        )
+        timings.e2e_ms = (last - trace.arrival) * 1e3
+        response.route.CopyFrom(trace.route)

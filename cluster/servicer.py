@@ -1,0 +1,168 @@
+"""The gRPC servicer of ``pdserve.v1.PDServe`` (grpc.aio), and the server the ingress replica runs.
+
+``Generate`` reads its request with ``cluster.validation.parse_generate_request`` (the bytes-typed twin,
+so invalid UTF-8 and negative numbers are reported by field), validates, and streams from
+``RequestPath``. Every refusal is ``await context.abort(code, "field: reason")``; any other failure is
+translated to a status here (never a Ray traceback): RESOURCE_EXHAUSTED when a pool has no room,
+UNAVAILABLE when a replica died, DEADLINE_EXCEEDED after ``request_timeout_s``, INTERNAL otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from cluster.replica_directory import REPLICA_DIRECTORY
+from cluster.request_path import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT, RequestPath
+from cluster.validation import RequestError, WireParseFailure, parse_generate_request, validate
+from protos import pdserve_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "pdserve.v1.PDServe"
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for an exception raised on the request path (messages stay one line)."""
+    text = f"{type(error).__name__}: {error}"
+    if "NoKVSpaceError" in text or "OutOfBlocksError" in text:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _last_line(text)
+    if any(
+        name in text
+        for name in (
+            "ActorDiedError",
+            "ActorUnavailableError",
+            "RayActorError",
+            "ReplicaUnavailableError",
+            "DeploymentUnavailableError",
+        )
+    ):
+        return grpc.StatusCode.UNAVAILABLE, _last_line(text)
+    if isinstance(error, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "request_timeout_s passed"
+    return grpc.StatusCode.INTERNAL, _last_line(text)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "internal error"
+
+
+class PDServeServicer:
+    """Generate / Health / ClusterInfo over one ``RequestPath``."""
+
+    def __init__(self, path: RequestPath) -> None:
+        self.path = path
+
+    async def Generate(
+        self, wire: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        if isinstance(wire, WireParseFailure):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, wire.message)
+        try:
+            request = validate(wire, self.path.model.tokenizer.encode, self.path.model.limits)
+        except RequestError as error:
+            await context.abort(error.code, error.message)
+        stream = self.path.generate(request)
+        try:
+            async with asyncio.timeout(self.path.config.request_timeout_s):
+                async for response in stream:
+                    yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:
+            code, message = status_for(error)
+            logger.warning("request %s failed: %s %s", request.request_id, code.name, message)
+            await context.abort(code, message)
+        finally:
+            await stream.aclose()
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        status = pb.HealthResponse.SERVING if await self._pools_ready() else pb.HealthResponse.NOT_SERVING
+        return pb.HealthResponse(status=status, model=self.path.model.name)
+
+    async def ClusterInfo(
+        self, request: pb.ClusterInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClusterInfoResponse:
+        config = self.path.config
+        response = pb.ClusterInfoResponse(
+            model=self.path.model.name,
+            block_size=config.block_size,
+            kv_transport="none (colocated)" if config.is_colocated else config.kv_transfer.backend,
+            router_policy=config.router.policy,
+        )
+        for name, stats in await self.pool_stats():
+            pool = response.pools.add(name=name)
+            for item in stats:
+                pool.replicas.add(**{key: item[key] for key in _REPLICA_FIELDS})
+        return response
+
+    async def pool_stats(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """Fresh stats from every replica of every pool (asked directly, not the routing copies)."""
+        pools: list[tuple[str, Any, str]] = [("decode", self.path.decode, DECODE_DEPLOYMENT)]
+        if self.path.prefill is not None:
+            pools.insert(0, ("prefill", self.path.prefill, PREFILL_DEPLOYMENT))
+        result = []
+        for name, handle, deployment in pools:
+            views = REPLICA_DIRECTORY.replicas(deployment)
+            if not views:
+                stats = [await handle.replica_stats.remote()]  # first call: creates the handle's router
+            else:
+                calls = [handle.replica_stats.remote(target_replica_id=view.replica_id) for view in views]
+                stats = list(await asyncio.gather(*calls))
+            result.append((name, sorted(stats, key=lambda item: item["replica_id"])))
+        return result
+
+    async def _pools_ready(self) -> bool:
+        try:
+            async with asyncio.timeout(5.0):
+                stats = await self.pool_stats()
+        except Exception as error:
+            logger.warning("health check failed: %s", error)
+            return False
+        return all(replicas for _, replicas in stats)
+
+
+_REPLICA_FIELDS = (
+    "replica_id",
+    "running_requests",
+    "queued_requests",
+    "queued_prefill_tokens",
+    "kv_blocks_total",
+    "kv_blocks_used",
+    "kv_blocks_cached",
+    "kv_blocks_free",
+    "prefix_hit_rate",
+)
+
+
+def make_server(servicer: PDServeServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server for ``servicer`` bound to ``host:port`` (port 0: any free one); returns the port."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=parse_generate_request,
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health,
+            request_deserializer=pb.HealthRequest.FromString,
+            response_serializer=pb.HealthResponse.SerializeToString,
+        ),
+        "ClusterInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.ClusterInfo,
+            request_deserializer=pb.ClusterInfoRequest.FromString,
+            response_serializer=pb.ClusterInfoResponse.SerializeToString,
+        ),
+    }
+    # so_reuseport off: a second server on a taken port must fail loudly, not share it silently.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"grpc: cannot bind {host}:{port} (in use?)")
+    return server, bound

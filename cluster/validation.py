@@ -1,0 +1,168 @@
+"""Checking a ``Generate`` request before any worker sees it.
+
+The gRPC server parses the request bytes into the private twin ``GenerateRequestWire``
+(protos/pdserve_wire.proto: strings as bytes, signed integers) with ``parse_generate_request``, so
+invalid UTF-8 and negative numbers are reported by field instead of failing deserialization.
+``validate`` turns the twin into a ``ValidRequest`` or raises ``RequestError`` carrying the gRPC status
+code and a message that starts with the field name (``"max_tokens: must be > 0, got 0"``).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from prefill_worker.requests import SamplingSpec
+from protos import pdserve_wire_pb2
+
+MAX_STOP_STRINGS = 16
+MAX_ID_LENGTH = 256
+
+
+class RequestError(Exception):
+    """A request the server refuses: a gRPC status code and a message naming the field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class WireParseFailure:
+    """What the request deserializer returns for bytes that are not a GenerateRequest at all."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A checked request: token ids in the vocabulary, prompt + max_tokens within the context."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    tenant: str
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What validation needs to know about the served model."""
+
+    vocab_size: int
+    max_model_len: int  # context length: prompt + generated tokens
+
+
+def parse_generate_request(data: bytes) -> pdserve_wire_pb2.GenerateRequestWire | WireParseFailure:
+    """gRPC request deserializer: wire bytes -> the twin message (never raises)."""
+    try:
+        return pdserve_wire_pb2.GenerateRequestWire.FromString(data)
+    except Exception as error:  # a DecodeError, whatever the protobuf runtime calls it
+        return WireParseFailure(f"request: not a valid GenerateRequest ({error})")
+
+
+def _utf8(field: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{field}: invalid UTF-8 at byte {error.start}"
+        ) from None
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _check_ids(field: str, token_ids: Sequence[int], vocab_size: int) -> None:
+    for index, token_id in enumerate(token_ids):
+        if token_id >= vocab_size:
+            raise _invalid(f"{field}[{index}]: {token_id} is outside the vocabulary [0, {vocab_size})")
+
+
+def validate(
+    wire: pdserve_wire_pb2.GenerateRequestWire,
+    encode: Callable[[str], list[int]],
+    limits: ModelLimits,
+) -> ValidRequest:
+    """Check every field of ``wire``; raise ``RequestError`` on the first bad one."""
+    prompt_ids = _prompt_ids(wire, encode, limits.vocab_size)
+    sampling = _sampling(wire, limits.vocab_size)
+    num_prompt = len(prompt_ids)
+    prompt_field = "text" if wire.WhichOneof("prompt") == "text" else "token_ids"
+    if num_prompt >= limits.max_model_len:
+        raise RequestError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"{prompt_field}: prompt has {num_prompt} tokens, the model's context is {limits.max_model_len} "
+            "(the prompt must leave room for at least one new token)",
+        )
+    if num_prompt + sampling.max_tokens > limits.max_model_len:
+        raise RequestError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"max_tokens: prompt ({num_prompt} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
+            f"model's context of {limits.max_model_len} tokens",
+        )
+    tenant = _utf8("tenant_id", wire.tenant_id)
+    request_id = _utf8("request_id", wire.request_id)
+    if len(tenant) > MAX_ID_LENGTH or len(request_id) > MAX_ID_LENGTH:
+        raise _invalid(f"tenant_id/request_id: at most {MAX_ID_LENGTH} characters")
+    return ValidRequest(
+        request_id=request_id or uuid.uuid4().hex,
+        prompt_token_ids=tuple(prompt_ids),
+        sampling=sampling,
+        tenant=tenant,
+    )
+
+
+def _prompt_ids(
+    wire: pdserve_wire_pb2.GenerateRequestWire, encode: Callable[[str], list[int]], vocab_size: int
+) -> list[int]:
+    which = wire.WhichOneof("prompt")
+    if which is None:
+        raise _invalid("text: the prompt is empty (set text or token_ids)")
+    if which == "text":
+        text = _utf8("text", wire.text)
+        if not text:
+            raise _invalid("text: the prompt is empty")
+        return list(encode(text))
+    token_ids = list(wire.token_ids.ids)
+    if not token_ids:
+        raise _invalid("token_ids: the prompt is empty")
+    _check_ids("token_ids", token_ids, vocab_size)
+    return token_ids
+
+
+def _sampling(wire: pdserve_wire_pb2.GenerateRequestWire, vocab_size: int) -> SamplingSpec:
+    if wire.max_tokens <= 0:
+        raise _invalid(f"max_tokens: must be > 0, got {wire.max_tokens}")
+    temperature = wire.temperature if wire.HasField("temperature") else 0.0
+    if math.isnan(temperature) or temperature < 0:
+        raise _invalid(f"temperature: must be >= 0, got {temperature}")
+    top_p = wire.top_p if wire.HasField("top_p") else 1.0
+    if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
+        raise _invalid(f"top_p: must be in (0, 1], got {top_p}")
+    top_k = wire.top_k if wire.HasField("top_k") else 0
+    if top_k < 0:
+        raise _invalid(f"top_k: must be >= 0 (0 turns it off), got {top_k}")
+    if len(wire.stop) > MAX_STOP_STRINGS:
+        raise _invalid(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(wire.stop)}")
+    stop = tuple(_utf8(f"stop[{index}]", raw) for index, raw in enumerate(wire.stop))
+    for index, text in enumerate(stop):
+        if not text:
+            raise _invalid(f"stop[{index}]: must not be empty")
+    stop_token_ids = tuple(wire.stop_token_ids)
+    _check_ids("stop_token_ids", stop_token_ids, vocab_size)
+    return SamplingSpec(
+        max_tokens=int(wire.max_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        seed=int(wire.seed) if wire.HasField("seed") else None,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=wire.ignore_eos,
+    )

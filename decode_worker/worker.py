@@ -1,0 +1,223 @@
+"""The decode worker: pulls a request's KV, joins it to the running batch, and streams its tokens.
+
+Queues a request passes through, in order:
+1. ``generate()`` (the replica's event loop) registers a per-request asyncio queue in ``_streams``.
+2. Admission on the engine thread: ``allocate_blocks`` reserves local blocks for the prompt's KV.
+3. The pull runs in a helper thread: ``transport.read_blocks(handle, local_ids).wait(timeout)``.
+   DONE -> ``add_prefilled_request`` (the sequence joins the continuous batch with its KV in place).
+   FAILED (peer gone, timeout, layout mismatch) -> ``free_allocated`` and ``add_request``: the prompt
+   is recomputed here and the first token, which the client already has, is skipped (sampling is
+   position-seeded, so the recomputed tokens are the ones the prefill side would have produced).
+   The first message ``generate`` yields is the transfer report: the caller then releases the prefill
+   side's pinned blocks.
+4. Every engine step's outputs cross to the event loop in one ``call_soon_threadsafe`` and land in the
+   request queues; ``generate`` yields everything queued since its last yield as ONE chunk, so under
+   load a message carries several tokens (the stream is never capped by per-message cost).
+5. Finish, cancel (``GeneratorExit``/``CancelledError`` when the caller goes away) or failure: the
+   request is aborted on the engine, which frees its blocks.
+
+In colocated mode (``DecodeRequest.handle`` and ``first_token_id`` both None) step 3 is just
+``add_request``: the replica prefills and decodes its own request, no transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefill_worker.engine_loop import EngineLoop, layout_of
+from prefill_worker.requests import DecodeChunk, DecodeRequest
+
+logger = logging.getLogger(__name__)
+
+
+class NoKVSpaceError(RuntimeError):
+    """The decode replica has no free blocks for the request's KV."""
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    skip_first_token: bool = False  # recompute path: the client already has the first token
+
+
+class DecodeWorker:
+    """Plain decode logic around one engine and one KV transport (no Ray here)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        transport: Any,
+        worker_id: str,
+        backend: str,
+        transfer_timeout_s: float,
+        dtype: str,
+        block_size: int,
+    ) -> None:
+        self.engine = engine
+        self.transport = transport  # None in colocated mode: nothing is ever pulled
+        if transport is not None:
+            transport.register(engine.kv_cache, layout_of(engine, dtype, block_size))
+        self.worker_id = worker_id
+        self.backend = backend
+        self.transfer_timeout_s = transfer_timeout_s
+        self._streams: dict[str, _Stream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.num_recomputed = 0
+        self.engine_loop = EngineLoop(engine, self._on_outputs, None, self._on_failure, name="decode-engine")
+        self.engine_loop.start()
+
+    async def generate(self, work: DecodeRequest) -> AsyncIterator[DecodeChunk]:
+        """Admit ``work`` (pull or compute its KV) and yield its tokens, coalesced per yield."""
+        self._loop = asyncio.get_running_loop()
+        request_id = work.request.request_id
+        stream = _Stream()
+        self._streams[request_id] = stream
+        is_finished = False
+        try:
+            yield await self._admit(work, stream)
+            while not is_finished:
+                chunk = self._coalesce([await stream.queue.get()], stream)
+                is_finished = chunk.finished
+                if chunk.token_ids or is_finished:
+                    yield chunk
+        finally:
+            self._streams.pop(request_id, None)
+            if not is_finished:
+                self.engine_loop.call(lambda engine: _drop(engine, request_id))
+
+    def stats(self) -> Any:
+        """The latest ``EngineStats`` snapshot (refreshed by the engine loop)."""
+        return self.engine_loop.stats
+
+    def close(self) -> None:
+        self.engine_loop.stop()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    async def _admit(self, work: DecodeRequest, stream: _Stream) -> DecodeChunk:
+        request = work.request
+        params = request.sampling.to_engine()
+        prompt = list(request.prompt_token_ids)
+        started = time.perf_counter()
+        if work.handle is None or work.first_token_id is None:
+            await self._call(
+                lambda engine: engine.add_request(request.request_id, prompt, params, tenant=request.tenant)
+            )
+            return DecodeChunk(
+                [],
+                replica_id=self.worker_id,
+                is_transfer_report=True,
+                kv_transport="",
+                num_prompt_tokens=len(prompt),
+            )
+        handle, first_token_id = work.handle, work.first_token_id
+
+        def allocate(engine: Any) -> list[int]:
+            num_blocks = len(handle.block_ids)
+            if not engine.can_allocate_blocks(num_blocks):
+                raise NoKVSpaceError(f"decode replica {self.worker_id}: no room for {num_blocks} KV blocks")
+            return list(engine.allocate_blocks(request.request_id, handle.num_tokens, request.tenant))
+
+        local_ids = await self._call(allocate)
+        # The prompt's KV fills exactly len(local_ids) blocks; a pinned tail block (if any) is not pulled.
+        handle = dataclasses.replace(handle, block_ids=tuple(handle.block_ids[: len(local_ids)]))
+        error = await asyncio.to_thread(self._pull, handle, local_ids)
+        transfer_ms = (time.perf_counter() - started) * 1e3
+        if error is None:
+            await self._call(
+                lambda engine: engine.add_prefilled_request(
+                    request.request_id, prompt, first_token_id, local_ids, params, tenant=request.tenant
+                )
+            )
+            kv_transport = self.backend
+        else:
+            logger.warning("KV pull for %s failed (%s): recomputing the prompt", request.request_id, error)
+            self.num_recomputed += 1
+            stream.skip_first_token = True
+
+            def recompute(engine: Any) -> None:
+                engine.free_allocated(request.request_id)
+                engine.add_request(request.request_id, prompt, params, tenant=request.tenant)
+
+            await self._call(recompute)
+            kv_transport = "recompute"
+        return DecodeChunk(
+            [],
+            replica_id=self.worker_id,
+            is_transfer_report=True,
+            kv_transport=kv_transport,
+            kv_transfer_ms=transfer_ms,
+            num_prompt_tokens=len(prompt),
+            error=error,
+        )
+
+    def _pull(self, handle: Any, local_ids: list[int]) -> str | None:
+        """Pull ``handle``'s blocks into ``local_ids`` (helper thread); the error text, or None when DONE."""
+        from kv_transfer.base import TransferStatus
+
+        try:
+            transfer = self.transport.read_blocks(handle, local_ids)
+            status = transfer.wait(self.transfer_timeout_s)
+        except Exception as error:  # layout mismatch, stale endpoint, peer gone
+            return f"{type(error).__name__}: {error}"
+        if status is TransferStatus.DONE:
+            return None
+        return transfer.error or f"transfer ended {status.value}"
+
+    async def _call(self, fn: Any) -> Any:
+        return await asyncio.wrap_future(self.engine_loop.call(fn))
+
+    # ---- streaming ------------------------------------------------------------------------------
+
+    def _coalesce(self, items: list[Any], stream: _Stream) -> DecodeChunk:
+        """Merge the first queued item with everything else queued right now into one chunk."""
+        while not stream.queue.empty():
+            items.append(stream.queue.get_nowait())
+        chunk = DecodeChunk([], replica_id=self.worker_id)
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+            token_ids = list(item.new_token_ids)
+            if stream.skip_first_token and token_ids:
+                token_ids = token_ids[1:]
+                stream.skip_first_token = False
+            chunk.token_ids.extend(token_ids)
+            chunk.num_cached_tokens = max(chunk.num_cached_tokens, int(item.num_cached_tokens or 0))
+            if item.finished:
+                chunk.finished = True
+                chunk.finish_reason = item.finish_reason
+        return chunk
+
+    def _on_outputs(self, outputs: list[Any]) -> None:
+        """Engine thread: hand one step's outputs to the event loop in a single callback."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[Any]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(output)
+
+    def _on_failure(self, error: BaseException) -> None:
+        if self._loop is not None:
+            failure = RuntimeError(f"engine step failed: {error}")
+            self._loop.call_soon_threadsafe(self._fail_all, failure)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)
+
+
+def _drop(engine: Any, request_id: str) -> None:
+    """Forget ``request_id`` on the engine wherever it is: running, or blocks reserved for a pull."""
+    engine.abort_request(request_id)
+    engine.free_allocated(request_id)

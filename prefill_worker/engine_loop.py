@@ -1,0 +1,119 @@
+"""One engine, one background thread: commands -> schedule/run (``engine.step``) -> deliver outputs.
+
+Both worker kinds (prefill and decode) own exactly one ``LLMEngine`` and never touch it from another
+thread. Everything else (Serve's async methods on the replica's event loop) talks to it through
+``EngineLoop.call(fn)``: ``fn(engine)`` runs on the engine thread between two steps and its result
+comes back as a ``concurrent.futures.Future`` (``asyncio.wrap_future`` to await it). Outputs of each
+step go to ``on_outputs`` (still on the engine thread; the workers hand them to the event loop with
+one ``call_soon_threadsafe`` per step). ``housekeeping`` runs after every step and at least every
+``idle_wait_s`` (prefill leases expire there). ``stats`` is a snapshot refreshed by the loop, so
+readers never touch the engine.
+
+The decode worker imports this module too: it is the one engine-loop both workers share.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kv_transfer.base import LayoutSignature
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+OutputsCallback = Callable[[list[Any]], None]
+
+
+class EngineLoop:
+    """Owns the engine thread. ``call`` is thread-safe; everything else runs on the thread."""
+
+    def __init__(
+        self,
+        engine: Any,
+        on_outputs: OutputsCallback,
+        housekeeping: Callable[[], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+        idle_wait_s: float = 0.02,
+        name: str = "engine-loop",
+    ) -> None:
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._housekeeping = housekeeping
+        self._on_failure = on_failure
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue[tuple[Callable[[Any], Any], concurrent.futures.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._stopping = threading.Event()
+        self.stats: Any = engine.stats()
+        self.num_steps = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to finish its current step and exit."""
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    def call(self, fn: Callable[[Any], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn(engine)`` on the engine thread before its next step."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._commands.put((fn, future))
+        return future
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self.num_steps += 1
+                    if outputs:
+                        self._on_outputs(outputs)
+                if self._housekeeping is not None:
+                    self._housekeeping()
+                self.stats = self.engine.stats()
+            except Exception as error:  # the loop must outlive one bad step: report and go on
+                logger.exception("engine step failed")
+                if self._on_failure is not None:
+                    self._on_failure(error)
+                time.sleep(self._idle_wait_s)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except BaseException as error:
+                    future.set_exception(error)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+
+def layout_of(engine: Any, dtype: str, block_size: int) -> LayoutSignature:
+    """The KV layout signature of ``engine``'s pool ``[num_blocks, layers, 2, block, kv_heads, head_dim]``."""
+    _, num_layers, _, _, num_kv_heads, head_dim = engine.kv_cache.shape
+    return LayoutSignature(
+        model_id=engine.layout_fingerprint(),
+        dtype=dtype,
+        block_size=block_size,
+        num_layers=int(num_layers),
+        num_kv_heads=int(num_kv_heads),
+        head_dim=int(head_dim),
+    )

@@ -1,0 +1,96 @@
+"""The small, picklable messages that travel between the ingress and the workers over Ray.
+
+Only control data: token ids, sampling parameters, a ``KVHandle`` (block ids and an endpoint), timings.
+KV bytes never travel here. The decode worker imports these too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kv_transfer.base import KVHandle
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Sampling parameters as the API states them (``max_tokens`` counts the first token too)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def to_engine(self) -> Any:
+        """The engine's ``SamplingParams`` for these values."""
+        from engine.sampling import SamplingParams
+
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+@dataclass(frozen=True)
+class WorkerRequest:
+    """A validated request as the workers see it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    tenant: str = ""
+    arrival_time: float = 0.0  # wall clock at the ingress (time.time())
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a prefill replica returns: the first token and, unless the request already ended, its KV."""
+
+    request_id: str
+    replica_id: str
+    first_token_id: int
+    finish_reason: str | None  # set when the first token ends the request (eos, stop id, max_tokens 1)
+    handle: KVHandle | None  # pinned KV for the decode side; None when nothing is left to decode
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    queue_ms: float  # arrival at the replica -> first prefill step
+    prefill_ms: float  # first prefill step -> first token
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """Work for a decode replica: pull ``handle`` (or compute the prompt when it is None) and stream."""
+
+    request: WorkerRequest
+    first_token_id: int | None  # None in colocated mode: the decode replica prefills itself
+    handle: KVHandle | None
+
+
+@dataclass
+class DecodeChunk:
+    """One streamed message from a decode replica: every token produced since the previous one."""
+
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    replica_id: str = ""
+    kv_transport: str = ""  # backend that moved the KV, "recompute" after a failed pull, "" colocated
+    kv_transfer_ms: float = 0.0
+    is_transfer_report: bool = False  # the first message after the pull: the prefill side may release
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0  # colocated / recompute only
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
