@@ -1,0 +1,79 @@
+"""Run one workload against one or more targets and write every output.
+
+A target is a label and a context manager that yields a gRPC address: an external cluster
+(`--address`), or an embedded cluster started for the run (`--embedded`, one per mode with
+`--compare`; one after the other, so they never share the 2 CPU cores).
+
+Output folder layout (one target): results.json, summary.md, latency_cdf.png, throughput.png.
+Several targets: one sub-folder per label with those four files, plus compare.md and the plots
+with every run overlaid at the top level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.bench.config import BenchConfig
+from cluster.bench.metrics import summarize
+from cluster.bench.plots import write_plots
+from cluster.bench.report import load_records, markdown_table, results_document, write_run
+from cluster.bench.runner import BenchRunner
+from cluster.bench.workload import Workload
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to send the workload: `open()` yields the gRPC address for the run's duration."""
+
+    label: str
+    open: Callable[[], AbstractContextManager[str]]
+
+
+def external_target(address: str, label: str = "cluster") -> Target:
+    """A cluster that is already running at `address`."""
+    return Target(label, lambda: contextlib.nullcontext(address))
+
+
+def embedded_target(mode: str, cluster_config: Any = None) -> Target:
+    """An embedded cluster in `mode` ("disaggregated" | "colocated"), started for the run."""
+
+    @contextlib.contextmanager
+    def open_cluster() -> Iterator[str]:
+        from cluster.config import ClusterConfig
+        from cluster.embedded import EmbeddedCluster
+
+        base = cluster_config if cluster_config is not None else ClusterConfig()
+        with EmbeddedCluster(base.replace(mode=mode)) as cluster:
+            yield cluster.grpc_address
+
+    return Target(mode, open_cluster)
+
+
+def run_suite(config: BenchConfig, workload: Workload, targets: Sequence[Target], out_dir: Path, *,
+              show_progress: bool = True, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run `workload` against each target in turn; write outputs; return the results documents."""
+    documents: list[dict[str, Any]] = []
+    for target in targets:
+        run_dir = out_dir if len(targets) == 1 else out_dir / target.label
+        echo(f"[pdserve bench] {target.label}: starting")
+        with target.open() as address:
+            echo(f"[pdserve bench] {target.label}: running against {address}")
+            result = BenchRunner(config, workload, address, show_progress=show_progress,
+                                 label=target.label).run()
+        summary = summarize(result.records, result.samples, config.slo)
+        document = results_document(config, target.label, result, summary, {"address": address})
+        write_run(run_dir, document)
+        write_plots([(target.label, result.records)], run_dir)
+        documents.append(document)
+    table = markdown_table([(d["label"], d["summary"]) for d in documents])
+    if len(targets) > 1:
+        (out_dir / "compare.md").write_text("# pdserve bench: side by side\n\n" + table)
+        write_plots([(d["label"], load_records(d)) for d in documents], out_dir)
+    echo(table)
+    echo(f"[pdserve bench] results in {out_dir}")
+    return documents
