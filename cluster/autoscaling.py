@@ -315,15 +315,21 @@ def hold_decode_while_prefill_backlogged(
     prefill: ScalingDecision, prefill_band: HysteresisBand, decode: ScalingDecision,
     decode_target_num_replicas: int,
 ) -> ScalingDecision:
-    """Cross-pool rule: no decode scale-down while prefill is above its upscale threshold.
+    """Cross-pool rule: no decode scale-down while prefill is backlogged, or while prefill has not reported.
 
-    A prefill backlog is decode load a few hundred milliseconds later; shrinking decode then would
-    trade a short-lived KV dip for a scale-up (and cold replicas) right after.
+    A prefill backlog (utilization above its upscale threshold) is decode load a few hundred
+    milliseconds later; shrinking decode then would trade a short-lived KV dip for a scale-up (and cold
+    replicas) right after. A prefill pool with no metrics yet (start-up) is treated the same way: no
+    information is no licence to remove decode capacity.
     """
-    is_backlogged = prefill.utilization is not None and prefill.utilization > prefill_band.upscale_threshold
-    if is_backlogged and decode.num_replicas < decode_target_num_replicas:
-        return dataclasses.replace(decode, num_replicas=decode_target_num_replicas,
-                                   reason="hold:prefill-backlog")
+    if prefill.utilization is None:
+        reason = "hold:prefill-unknown"
+    elif prefill.utilization > prefill_band.upscale_threshold:
+        reason = "hold:prefill-backlog"
+    else:
+        return decode
+    if decode.num_replicas < decode_target_num_replicas:
+        return dataclasses.replace(decode, num_replicas=decode_target_num_replicas, reason=reason)
     return decode
 
 

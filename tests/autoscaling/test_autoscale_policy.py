@@ -160,6 +160,10 @@ def test_decode_is_held_while_prefill_is_backlogged() -> None:
     held = hold_decode_while_prefill_backlogged(backlogged, PREFILL.band(), decode, 4)
     assert (held.num_replicas, held.reason) == (4, "hold:prefill-backlog")
     assert hold_decode_while_prefill_backlogged(calm, PREFILL.band(), decode, 4) == decode
+    # A prefill pool that has not reported yet is no licence to shrink decode either.
+    unknown = _prefill(_obs({}, running=1))
+    held_unknown = hold_decode_while_prefill_backlogged(unknown, PREFILL.band(), decode, 4)
+    assert (held_unknown.num_replicas, held_unknown.reason) == (4, "hold:prefill-unknown")
     # Scale-up of decode is never held back by the rule.
     up = decide_num_replicas(_obs({KV_BLOCKS_USED_FRACTION: [0.95]}, running=1),
                              DECODE.targets(), DECODE.band())
