@@ -10,8 +10,6 @@ controller. Serve's delays are at their smallest.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,25 +22,16 @@ APP_NAME = "autoscale_check"
 DEPLOYMENT_NAME = "Backlog"
 
 
-@pytest.fixture(scope="module")
-def local_serve() -> Iterator[None]:
-    """A local Ray + Serve (no proxy); reuses a Ray that a session fixture already started."""
-    import ray
+@pytest.fixture
+def local_serve(ray_session: None) -> Iterator[None]:
+    """Serve on the session's one local Ray (tests/conftest.py); this test's app is deleted after it."""
     from ray import serve
 
-    started_ray = not ray.is_initialized()
-    temp_dir = tempfile.mkdtemp(prefix="ray_as_", dir="/tmp")  # short: Ray's socket paths are length-capped
-    if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    serve.start(proxy_location="Disabled")
     try:
         yield
     finally:
-        serve.delete(APP_NAME, _blocking=True)
-        if started_ray:
-            serve.shutdown()
-            ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if APP_NAME in serve.status().applications:
+            serve.delete(APP_NAME, _blocking=True)
 
 
 def _build_app(metric_file: Path):  # -> ray.serve.Application
@@ -126,7 +115,6 @@ def test_prefill_policy_scales_a_real_deployment(local_serve: None, tmp_path: Pa
     metric_file.write_text("0")
     down_s = _wait_for_replicas(1, timeout_s=20.0)
     print(f"\nreal Serve: 1->2 replicas in {up_s:.2f} s, 2->1 in {down_s:.2f} s")
-    serve.delete(APP_NAME, _blocking=True)
 
 
 def _pool_autoscaling(policy_path: str, kwargs: dict[str, float], initial_replicas: int) -> dict:
