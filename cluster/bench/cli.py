@@ -38,6 +38,8 @@ def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> 
               help="Embedded cluster mode.")
 @click.option("--compare", is_flag=True,
               help="Run the workload on an embedded disaggregated and then colocated cluster; side by side.")
+@click.option("--colocated-replicas", type=int, default=None,
+              help="Replicas of a colocated embedded cluster [default: prefill + decode replicas].")
 @click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML cluster config for --embedded / --compare (mode is overridden).")
 @click.option("--trace", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -71,13 +73,18 @@ def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> 
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="Results folder [default: bench-out/<UTC time>].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def bench(address: str, embedded: bool, mode: str, compare: bool, cluster_config: str | None,
+@click.argument("more_slo", nargs=-1, metavar="[ttft:MS|tpot:MS|e2e:MS]...")
+def bench(address: str, embedded: bool, mode: str, compare: bool, colocated_replicas: int | None,
+          cluster_config: str | None,
           trace: str | None, rate: float | None, concurrency: int | None, time_scale: float,
           length_scale: float, lengths: str, duration: float | None, num_requests: int | None,
           trace_start: float, goodput: tuple[str, ...], max_context: int, vocab_size: int,
           block_tokens: int, seed: int, tenant: str, warmup: int, poll_interval: float, timeout: float,
-          output_dir: str | None, no_progress: bool) -> None:
-    """Benchmark a pdserve cluster: TTFT, TPOT, ITL, E2E, goodput, cache hits, KV transfer, pool load."""
+          output_dir: str | None, no_progress: bool, more_slo: tuple[str, ...]) -> None:
+    """Benchmark a pdserve cluster: TTFT, TPOT, ITL, E2E, goodput, cache hits, KV transfer, pool load.
+
+    Trailing SLO items continue --goodput, so vLLM's `--goodput ttft:500 tpot:50` works as is.
+    """
     arrival = _arrival(trace, rate, concurrency)
     try:
         config = BenchConfig(
@@ -85,19 +92,19 @@ def bench(address: str, embedded: bool, mode: str, compare: bool, cluster_config
             concurrency=concurrency or 1, time_scale=time_scale, length_scale=length_scale,
             lengths=parse_length_mix(lengths), duration_s=duration, num_requests=num_requests,
             trace_start_s=trace_start, max_context=max_context, vocab_size=vocab_size,
-            block_tokens=block_tokens, slo=SLO.parse(goodput), seed=seed, tenant_id=tenant,
+            block_tokens=block_tokens, slo=SLO.parse(goodput + more_slo), seed=seed, tenant_id=tenant,
             poll_interval_s=poll_interval, request_timeout_s=timeout, warmup_requests=warmup)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     if math.isinf(config.rate) and config.arrival == "poisson" and config.num_requests is None:
         raise click.BadParameter("--rate inf needs --num-requests")
     out_dir = Path(output_dir or f"bench-out/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    targets = _targets(address, embedded, mode, compare, cluster_config)
+    targets = _targets(address, embedded, mode, compare, cluster_config, colocated_replicas)
     run_suite(config, Workload(config), targets, out_dir, show_progress=not no_progress, echo=click.echo)
 
 
-def _targets(address: str, embedded: bool, mode: str, compare: bool,
-             cluster_config: str | None) -> list[Target]:
+def _targets(address: str, embedded: bool, mode: str, compare: bool, cluster_config: str | None,
+             colocated_replicas: int | None) -> list[Target]:
     if not (embedded or compare):
         return [external_target(address)]
     base = None
@@ -106,4 +113,4 @@ def _targets(address: str, embedded: bool, mode: str, compare: bool,
 
         base = load_config(cluster_config)
     modes = MODES if compare else (mode,)
-    return [embedded_target(m, base) for m in modes]
+    return [embedded_target(m, base, colocated_replicas) for m in modes]

@@ -12,6 +12,7 @@ with every run overlaid at the top level.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -39,8 +40,13 @@ def external_target(address: str, label: str = "cluster") -> Target:
     return Target(label, lambda: contextlib.nullcontext(address))
 
 
-def embedded_target(mode: str, cluster_config: Any = None) -> Target:
-    """An embedded cluster in `mode` ("disaggregated" | "colocated"), started for the run."""
+def embedded_target(mode: str, cluster_config: Any = None, colocated_replicas: int | None = None) -> Target:
+    """An embedded cluster in `mode` ("disaggregated" | "colocated"), started for the run.
+
+    Colocated runs get `colocated_replicas` decode replicas (None: prefill + decode replicas of
+    the disaggregated config), so both modes have the same number of workers, as in vLLM's
+    disaggregated-prefill benchmark (1P1D against two plain instances).
+    """
 
     @contextlib.contextmanager
     def open_cluster() -> Iterator[str]:
@@ -48,7 +54,11 @@ def embedded_target(mode: str, cluster_config: Any = None) -> Target:
         from cluster.embedded import EmbeddedCluster
 
         base = cluster_config if cluster_config is not None else ClusterConfig()
-        with EmbeddedCluster(base.replace(mode=mode)) as cluster:
+        config = base.replace(mode=mode)
+        if mode == "colocated":
+            replicas = colocated_replicas or base.prefill.num_replicas + base.decode.num_replicas
+            config = config.replace(decode=dataclasses.replace(base.decode, num_replicas=replicas))
+        with EmbeddedCluster(config) as cluster:
             yield cluster.grpc_address
 
     return Target(mode, open_cluster)
