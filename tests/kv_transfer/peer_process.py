@@ -59,6 +59,14 @@ def _serve(
     conn.send("closed")
 
 
+def peer_context() -> mp.context.BaseContext:
+    """Fresh processes that do not inherit this (threaded, NIXL-holding) test process: forkserver with
+    torch preloaded (a spawn per peer costs seconds of imports on a loaded 2-core machine)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "tests.kv_transfer.peer_process"])
+    return context
+
+
 @dataclass
 class PeerProcess:
     """Handle on a spawned serving peer."""
@@ -71,7 +79,7 @@ class PeerProcess:
     def start(
         cls, config: TransportConfig, worker_id: str, layout: LayoutSignature, num_blocks: int, seed: int
     ) -> PeerProcess:
-        context = mp.get_context("spawn")
+        context = peer_context()
         parent, child = context.Pipe()
         process = context.Process(
             target=_serve, args=(child, config, worker_id, layout, num_blocks, seed), daemon=True
