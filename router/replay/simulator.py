@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from router.replay.cache import LRUPrefixCache
@@ -34,7 +34,7 @@ class SimRequest:
     index: int
     arrival_s: float
     num_tokens: int
-    block_ids: tuple[Hashable, ...]
+    block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ def to_sim_requests(
 
     Arrival times: records that share a timestamp (Mooncake's are in ~3 s steps) are spread evenly
     over the gap to the next distinct timestamp (the last group over the previous gap).
-    Block ids: Mooncake ``hash_ids``; for traces without them, per-request ids (nothing is shared).
+    Block ids: Mooncake ``hash_ids``; for records without them, fresh ids above every hash id (nothing
+    is shared), one per ``block_tokens`` tokens. Ids are ints below 2**32 (they are hashed as tokens).
     """
     order = sorted(range(len(records)), key=lambda i: (records[i].timestamp_s, i))
     stamps = sorted({r.timestamp_s for r in records})
@@ -91,6 +92,7 @@ def to_sim_requests(
     last_gap = stamps[-1] - stamps[-2] if len(stamps) > 1 else 1.0
     group_size = Counter(r.timestamp_s for r in records)
     seen_in_group: Counter[float] = Counter()
+    next_fresh_id = 1 + max((max(r.hash_ids) for r in records if r.hash_ids), default=-1)
     requests: list[SimRequest] = []
     for i in order:
         record = records[i]
@@ -99,10 +101,11 @@ def to_sim_requests(
         arrival = stamp + gap * seen_in_group[stamp] / group_size[stamp]
         seen_in_group[stamp] += 1
         if record.hash_ids is not None:
-            block_ids: tuple[Hashable, ...] = record.hash_ids
+            block_ids: tuple[int, ...] = record.hash_ids
         else:
             num_blocks = max(1, math.ceil(record.input_length / block_tokens))
-            block_ids = tuple(("request", record.index, j) for j in range(num_blocks))
+            block_ids = tuple(range(next_fresh_id, next_fresh_id + num_blocks))
+            next_fresh_id += num_blocks
         requests.append(SimRequest(len(requests), arrival, record.input_length, block_ids))
     return requests
 
