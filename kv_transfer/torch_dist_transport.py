@@ -1,0 +1,208 @@
+"""torch.distributed transport: gloo on CPU, NCCL on GPU, one 2-rank process group per peer pair.
+
+Decode-initiated read over two-sided collectives: the reader sends the merged block runs it wants on the
+pair's control connection, the prefill side (``TorchDistServer``) ``send``s those blocks' bytes as one
+message, and the reader ``recv``s them into a staging buffer and scatters them into its local blocks
+(the staging buffer is what lets a timed-out transfer never write into blocks the caller already freed).
+Reads from one peer run in order on that peer's daemon thread; different peers proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import uuid
+import weakref
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+
+from kv_transfer.base import KVHandle, KVTransport, LayoutSignature, TransferEndpoint, TransportCapabilities
+from kv_transfer.blocks import BlockRun, LocalPool, plan_read
+from kv_transfer.config import TransportConfig
+from kv_transfer.torch_dist_link import abort_group, make_pair_group, recv_message, send_message
+from kv_transfer.torch_dist_server import TorchDistServer
+from kv_transfer.transfer import TransferAborted, TransferState, WorkerThread
+
+logger = logging.getLogger(__name__)
+
+
+class _PeerLink:
+    """This reader's connection to one peer incarnation: control socket + pair group + worker thread."""
+
+    def __init__(self, transport: TorchDistTransport, endpoint: TransferEndpoint, address: tuple[str, int]):
+        self.transport = transport
+        self.worker_id = endpoint.worker_id
+        self.incarnation = endpoint.incarnation
+        self.address = address
+        self.sock: socket.socket | None = None
+        self.group: dist.ProcessGroup | None = None
+        self.worker = WorkerThread(name=f"kv-dist-{endpoint.worker_id}")
+
+    def connect(self) -> None:
+        """Handshake (checks the peer is the incarnation the handle names) and join the pair group."""
+        if self.group is not None:
+            return
+        config = self.transport.config.torch_dist
+        sock = socket.create_connection(self.address, timeout=config.connect_timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            send_message(sock, {"worker_id": self.transport.worker_id, "incarnation": self.incarnation})
+            reply = recv_message(sock)
+            if reply is None or "error" in reply:
+                raise ConnectionError(f"peer {self.worker_id} refused: {reply and reply['error']}")
+            timeout = timedelta(seconds=config.connect_timeout_s)
+            store = dist.TCPStore(self.address[0], reply["store_port"], 2, False, timeout=timeout)
+            self.group = make_pair_group(
+                store, 1, sock.getsockname()[0], config.process_group_backend, self.transport.config.timeout_s
+            )
+            sock.settimeout(None)
+            self.sock = sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def reset(self) -> None:
+        """Drop the connection (after an error or timeout the pair's stream is out of step)."""
+        abort_group(self.group)
+        self.group = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        self.worker.submit(self.reset)  # runs after the job in progress, on the link's own thread
+        self.worker.stop(timeout=self.transport.config.timeout_s + 1)
+
+
+class TorchDistTransport(KVTransport):
+    """KV transport over torch.distributed point-to-point (gloo on CPU, NCCL on CUDA)."""
+
+    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
+        supports_cpu_memory=True,
+        supports_gpu_memory=True,  # NCCL path; not exercised on the CPU-only dev machine
+        cross_node=True,
+        needs_shared_pool_allocation=False,
+        async_completion=True,
+    )
+
+    def __init__(self, config: TransportConfig, worker_id: str) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.incarnation = uuid.uuid4().hex[:16]
+        self._local: LocalPool | None = None
+        self._server: TorchDistServer | None = None
+        self._links: dict[str, _PeerLink] = {}
+        self._inflight: weakref.WeakSet[TransferState] = weakref.WeakSet()
+        self._closed = False
+
+    def register(self, pool: torch.Tensor, layout: LayoutSignature) -> TransferEndpoint:
+        """Register the pool and start serving reads of it on a control port."""
+        self._check_open()
+        if self._local is not None:
+            raise ValueError("this transport already registered a KV pool")
+        self._local = LocalPool.checked(pool, layout)
+        self._server = TorchDistServer(
+            self.config.torch_dist,
+            self._local.data,
+            layout.block_bytes,
+            self.incarnation,
+            self.config.timeout_s,
+        )
+        host, port = self._server.address
+        metadata = json.dumps({"host": host, "port": port, "nbytes": pool.numel() * pool.element_size()})
+        return TransferEndpoint("torch_dist", self.worker_id, self.incarnation, metadata.encode(), layout)
+
+    def read_blocks(self, handle: KVHandle, local_block_ids: Sequence[int]) -> TransferState:
+        """Validate (raising before any byte moves), then receive on the peer's thread; returns at once."""
+        self._check_open()
+        endpoint = handle.endpoint
+        if endpoint.backend != "torch_dist":
+            raise ValueError(
+                f"handle's endpoint is for backend {endpoint.backend!r}, this transport is 'torch_dist'"
+            )
+        metadata = json.loads(endpoint.metadata)
+        block_bytes = endpoint.layout.block_bytes
+        runs = plan_read(
+            endpoint.layout, handle.block_ids, metadata["nbytes"] // block_bytes, self._local, local_block_ids
+        )
+        transfer = TransferState(self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}")
+        transfer.num_bytes = len(handle.block_ids) * block_bytes
+        self._inflight.add(transfer)
+        link = self._link(endpoint, (metadata["host"], metadata["port"]))
+        link.worker.submit(lambda: self._run_read(link, transfer, runs, block_bytes))
+        return transfer
+
+    def _link(self, endpoint: TransferEndpoint, address: tuple[str, int]) -> _PeerLink:
+        """The link to this incarnation; a new incarnation closes the stale link (in the background)."""
+        link = self._links.get(endpoint.worker_id)
+        if link is not None and link.incarnation == endpoint.incarnation:
+            return link
+        if link is not None:
+            link.worker.submit(link.reset)
+            link.worker.stop(timeout=0)  # ends after its queued jobs; nothing waits for it here
+        link = _PeerLink(self, endpoint, address)
+        self._links[endpoint.worker_id] = link
+        return link
+
+    def _run_read(
+        self, link: _PeerLink, transfer: TransferState, runs: list[BlockRun], block_bytes: int
+    ) -> None:
+        try:
+            if not transfer.begin():
+                return
+            link.connect()
+            assert self._local is not None and link.group is not None and link.sock is not None
+            local = self._local.data
+            staging = torch.empty(
+                sum(run.num_blocks for run in runs) * block_bytes, dtype=torch.uint8, device=local.device
+            )
+            send_message(link.sock, {"runs": [[run.remote_start, run.num_blocks] for run in runs]})
+            remaining = transfer.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("deadline passed before the receive started")
+            link.group.recv([staging], 0, 0).wait(timedelta(seconds=remaining))
+            offset = 0
+            for run in runs:  # scatter staging -> local blocks, refusing once the transfer has ended
+                length = run.num_blocks * block_bytes
+                with transfer.writing():
+                    local[run.local_start * block_bytes : run.local_start * block_bytes + length].copy_(
+                        staging[offset : offset + length]
+                    )
+                offset += length
+            transfer.succeed()
+        except TransferAborted:
+            pass
+        except Exception as exc:
+            link.reset()
+            if transfer.fail(f"torch_dist read from {link.worker_id} failed: {type(exc).__name__}: {exc}"):
+                return
+            logger.info("torch_dist read after its end: %s", exc)
+
+    def peer_incarnations(self) -> dict[str, str]:
+        """worker id -> incarnation of every peer link (a query, for tests and debugging)."""
+        return {worker_id: link.incarnation for worker_id, link in self._links.items()}
+
+    def close(self) -> None:
+        """Fail in-flight reads, close links (joining their threads), stop serving. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for transfer in list(self._inflight):
+            transfer.fail("transport closed")
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self._local = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} for {self.worker_id} is closed")
