@@ -26,7 +26,7 @@ class LoadReport:
         free_kv_blocks: KV blocks it could allocate now (free or evictable cached blocks).
         total_kv_blocks: size of its KV pool in blocks.
         reported_at: when the report was taken (seconds, any clock the worker keeps monotonic); a
-            report older than the one held for the same worker is ignored.
+            report not newer than the one held for the same worker is ignored.
     """
 
     worker_id: str
@@ -88,14 +88,15 @@ class LoadTable:
     def update(self, report: LoadReport) -> bool:
         """Store a report (dropping the local estimate) and update that worker's hot/cool state.
 
-        Returns False (and changes nothing) when the worker is not a member or the report is older
-        than the one held.
+        Returns False (and changes nothing) when the worker is not a member or the report is not
+        newer than the one held: feeding the same report again is a no-op, so a caller may re-send
+        every replica's latest report before each decision without wiping the local estimate.
         """
         worker_id = report.worker_id
         if worker_id not in self._member_set:
             return False
         previous = self._reports.get(worker_id)
-        if previous is not None and report.reported_at < previous.reported_at:
+        if previous is not None and report.reported_at <= previous.reported_at:
             return False
         self._total_queued -= self.queued_tokens(worker_id)
         self._reports[worker_id] = report

@@ -65,7 +65,8 @@ class Router:
     def update_load(self, report: LoadReport) -> bool:
         """Take a worker's load report (prefill, decode, or both pools if it is in both).
 
-        Returns False if no pool accepted it (unknown worker, or older than the report held).
+        Returns False if no pool accepted it (unknown worker, or not newer than the report held:
+        re-sending the same report is a no-op).
         """
         accepted_prefill = self._prefill_loads.update(report)
         accepted_decode = self._decode_loads.update(report)

@@ -82,6 +82,10 @@ def test_stale_and_unknown_reports_are_ignored() -> None:
     assert table.is_hot("a")
     assert not table.update(report("a", 0, 4.0))
     assert table.queued_tokens("a") == 2000 and table.is_hot("a")
+    # the same report again (same reported_at) is a duplicate: it keeps the local estimate
+    table.debit("a", queued_tokens=50)
+    assert not table.update(report("a", 2000, 5.0))
+    assert table.queued_tokens("a") == 2050
     assert not table.update(report("zz", 0, 9.0))
     assert table.report("zz") is None
 
