@@ -109,6 +109,11 @@ class LLMEngine:
             return load_tokenizer(self.config.model)
         return ByteTokenizer()  # an in-memory model comes with no tokenizer unless one is passed
 
+    @property
+    def max_model_len(self) -> int:
+        """Tokens (prompt + generated) one sequence may hold here: model, config and pool capped."""
+        return self.scheduler_config.max_model_len
+
     def layout_fingerprint(self) -> str:
         """Model name plus weights fingerprint (``LayoutSignature.model_id``)."""
         return f"{self.model_name}@{self._fingerprint}"
