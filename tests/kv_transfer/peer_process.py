@@ -106,6 +106,15 @@ class PeerProcess:
         self.process.join(30)
         self.conn.close()
 
+    def pause(self) -> None:
+        """SIGSTOP: the peer stays alive but runs no code (a hung prefill worker)."""
+        assert self.process.pid is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process.pid is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: no cleanup runs in the peer."""
         if self.process.pid is not None and self.process.is_alive():

@@ -148,6 +148,34 @@ class Scenarios:
         finally:
             decoder.transport.close()
 
+    def test_stalled_peer_never_hangs(self, peer: PeerProcess) -> None:
+        """A peer that stops running (SIGSTOP): one-sided backends may still finish (then the bytes are
+        right); two-sided ones end FAILED at the deadline. Either way wait() returns by the deadline."""
+        decoder = new_decoder(dataclasses.replace(self.config, timeout_s=1.0), "decode-stalled")
+        ids = list(range(64))
+        expected = peer.digests(ids)
+        peer.pause()
+        try:
+            started = time.monotonic()
+            transfer = decoder.transport.read_blocks(make_handle(peer, ids), ids)
+            status = transfer.wait()
+            assert time.monotonic() - started < 1.0 + 1.5
+            if status is TransferStatus.FAILED:
+                assert "timed out" in (transfer.error or ""), transfer.error
+            else:
+                assert block_digests(decoder.pool, ids) == expected
+        finally:
+            peer.resume()
+            decoder.transport.close()
+        # the peer serves correctly again afterwards
+        check = new_decoder(self.config, "decode-after-stall")
+        try:
+            transfer = check.transport.read_blocks(make_handle(peer, ids[:8]), ids[:8])
+            assert transfer.wait() is TransferStatus.DONE, transfer.error
+            assert block_digests(check.pool, ids[:8]) == expected[:8]
+        finally:
+            check.transport.close()
+
     def test_peer_restart_is_rehandshaked(self, decoder: Decoder) -> None:
         first = PeerProcess.start(self.config, "prefill-restart", LAYOUT, NUM_REMOTE_BLOCKS, seed=11)
         ids = [5, 6, 50]
@@ -173,7 +201,9 @@ class Scenarios:
         all_ids = list(range(NUM_REMOTE_BLOCKS))
         expected = peer.digests(all_ids)
         handle = make_handle(peer, all_ids)
+        peer.pause()  # a backend that needs the peer's CPU is now certainly mid-transfer when it dies
         transfer = decoder.transport.read_blocks(handle, all_ids)
+        time.sleep(0.2)
         peer.kill()
         started = time.monotonic()
         status = transfer.wait()
