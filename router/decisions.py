@@ -1,9 +1,13 @@
-"""What the router answers: named results that travel with the request."""
+"""What the router answers: named results that travel with the request.
+
+The choices are ``NamedTuple``s rather than frozen dataclasses: equally immutable and named, but
+about twice as cheap to build, and one is built per decision on the ingress's hot path.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from engine.block_hash import BlockHash
 
@@ -18,8 +22,7 @@ class RouteReason(str, Enum):
     KV_HEADROOM = "kv_headroom"  # decode: the worker with the most free KV blocks that fits the request
 
 
-@dataclass(frozen=True)
-class PrefillChoice:
+class PrefillChoice(NamedTuple):
     """The prefill worker for a request.
 
     Attributes:
@@ -34,16 +37,14 @@ class PrefillChoice:
     prefix_key: BlockHash | None
 
 
-@dataclass(frozen=True)
-class DecodeChoice:
+class DecodeChoice(NamedTuple):
     """The decode worker for a request and why."""
 
     worker_id: str
     reason: RouteReason
 
 
-@dataclass(frozen=True)
-class RouteDecision:
+class RouteDecision(NamedTuple):
     """Both choices for a request; ``reason`` is the prefill reason (the one that moves caches)."""
 
     prefill: PrefillChoice

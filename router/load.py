@@ -120,10 +120,14 @@ class LoadTable:
 
     def _update_state(self, worker_id: str) -> None:
         queued = self.queued_tokens(worker_id)
+        config = self._config
+        mean = self._total_queued / len(self._members)
+        # queued < max(low floor, low factor * mean) and queued > max(high floor, high factor * mean),
+        # written out (this runs on every decision)
         if worker_id in self._hot:
-            if queued < self.low_watermark():
+            if queued < config.low_watermark_tokens or queued < config.low_load_factor * mean:
                 self._hot.discard(worker_id)
-        elif queued > self.high_watermark():
+        elif queued > config.high_watermark_tokens and queued > config.high_load_factor * mean:
             self._hot.add(worker_id)
 
     def mean_queued_tokens(self) -> float:

@@ -73,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bench = parser.add_argument_group("decision micro-benchmark")
     bench.add_argument("--skip-decision-bench", action="store_true", help="do not run the micro-benchmark")
     bench.add_argument(
-        "--bench-prompts", type=int, default=4000, help="4k-token prompts per depth (default 4000)"
+        "--bench-prompts",
+        type=int,
+        default=1000,
+        help="4k-token prompts per run (default 1000; best of 5 runs)",
     )
     args = parser.parse_args(argv)
     if args.workers <= 0 or args.capacity_blocks <= 0:
@@ -94,6 +97,10 @@ def pdserve_config(args: argparse.Namespace) -> RouterConfig:
     )
 
 
+def vs_ideal(result: PolicyResult) -> str:
+    return f"{result.hit_rate_vs_ideal:.1%}" if result.ideal_hit_rate > 0 else "n/a"
+
+
 def format_table(results: list[PolicyResult]) -> str:
     header = (
         f"{'policy':<20} {'hit rate':>8} {'ideal':>6} {'vs ideal':>8} {'load max/mean':>13} "
@@ -102,7 +109,7 @@ def format_table(results: list[PolicyResult]) -> str:
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.policy:<20} {r.block_hit_rate:>8.3f} {r.ideal_hit_rate:>6.3f} {r.hit_rate_vs_ideal:>8.1%} "
+            f"{r.policy:<20} {r.block_hit_rate:>8.3f} {r.ideal_hit_rate:>6.3f} {vs_ideal(r):>8} "
             f"{r.load_max_over_mean:>13.2f} {r.requests_max_over_mean:>12.2f} {r.queue_delay_p50_s:>11.2f} "
             f"{r.queue_delay_p99_s:>11.2f} {r.ttft_p99_s:>10.2f} {r.decisions_per_s:>11,.0f}"
         )
