@@ -6,6 +6,7 @@ autoscaling metrics, and one ``ReplicaInfo`` of ``ClusterInfo``.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -29,4 +30,5 @@ def replica_stats(stats: Any) -> dict[str, Any]:
         "prefix_hit_rate": (int(stats.num_cached_tokens) / prompt_tokens) if prompt_tokens else 0.0,
         "generated_tokens": int(stats.num_generated_tokens),
         "preemptions": int(stats.num_preemptions),
+        "reported_at": time.time(),  # the router ignores a report older than the one it holds
     }

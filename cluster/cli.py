@@ -1,0 +1,178 @@
+"""The ``pdserve`` command: ``serve`` (run the cluster), ``generate`` and ``info`` (clients), ``bench``.
+
+``pdserve serve`` with no arguments starts an embedded local Ray, the built-in model, one prefill and
+one decode replica on fractional CPUs, and the gRPC API on 127.0.0.1:50051. Ctrl-C or SIGTERM deletes
+the application and shuts Serve and Ray down.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+import grpc
+
+from cluster.config import ConfigError, GrpcSection, load_config
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+@click.group()
+def main() -> None:
+    """pdserve: disaggregated prefill/decode LLM serving on Ray Serve."""
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Cluster YAML file (see docs/operations.md). Unknown fields are refused.",
+)
+@click.option(
+    "--model", default=None, help="Local Hugging Face checkpoint directory (default: built-in model)."
+)
+@click.option(
+    "--address", default=None, help="Join this running Ray cluster instead of starting a local one."
+)
+@click.option("--host", default=None, help="Bind the gRPC API to this host (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="gRPC API port (default 50051; 0 picks a free one).")
+@click.option(
+    "--mode",
+    type=click.Choice(["disaggregated", "colocated"]),
+    default=None,
+    help="Override the config's mode.",
+)
+def serve(
+    config_path: str | None,
+    model: str | None,
+    address: str | None,
+    host: str | None,
+    port: int | None,
+    mode: str | None,
+) -> None:
+    """Start the cluster and serve the gRPC API until Ctrl-C / SIGTERM."""
+    try:
+        config = load_config(config_path)
+        changes: dict[str, Any] = {}
+        if model is not None:
+            changes["model"] = model
+        if mode is not None:
+            changes["mode"] = mode
+        if host is not None or port is not None:
+            changes["grpc"] = GrpcSection(
+                host=host or config.grpc.host, port=config.grpc.port if port is None else port
+            )
+        config = config.replace(**changes) if changes else config
+    except (ConfigError, ValueError, OSError) as error:
+        click.echo(f"pdserve: invalid configuration: {error}", err=True)
+        sys.exit(2)
+    from cluster.embedded import EmbeddedCluster
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    cluster = EmbeddedCluster(config, address=address)
+    try:
+        cluster.start()
+        click.echo(
+            f"pdserve: serving {config.model} ({config.mode}) gRPC on {cluster.grpc_address}", err=True
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("pdserve: shutting down", err=True)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        cluster.stop()
+
+
+@main.command()
+@click.argument("text")
+@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="gRPC API address.")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=None, help="0 = greedy (default).")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--tenant", default="", help="Tenant id (prefix-cache isolation).")
+@click.option("--ignore-eos", is_flag=True)
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for the whole call.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print token ids, text, usage, timings and route as JSON."
+)
+def generate(
+    text: str,
+    address: str,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: tuple[str, ...],
+    tenant: str,
+    ignore_eos: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Generate from TEXT; prints the text as it streams (or JSON with --json)."""
+    from cluster.client import collect, connect
+    from protos import pdserve_pb2 as pb
+
+    request = pb.GenerateRequest(
+        text=text, max_tokens=max(0, max_tokens), stop=list(stop), tenant_id=tenant, ignore_eos=ignore_eos
+    )
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(request, name, value)
+    channel, stub = connect(address)
+    try:
+        responses = stub.Generate(request, timeout=timeout)
+        if as_json:
+            click.echo(json.dumps(collect(responses).to_dict(), indent=2))
+        else:
+            for response in responses:
+                click.echo(response.text, nl=False)
+            click.echo()
+    except grpc.RpcError as error:
+        click.echo(f"pdserve: {error.code().name}: {error.details()}", err=True)
+        sys.exit(1)
+    finally:
+        channel.close()
+
+
+@main.command()
+@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="gRPC API address.")
+def info(address: str) -> None:
+    """Print ClusterInfo (pools, replicas, load, KV blocks, prefix hit rate) as JSON."""
+    from google.protobuf.json_format import MessageToDict
+
+    from cluster.client import connect
+    from protos import pdserve_pb2 as pb
+
+    channel, stub = connect(address)
+    try:
+        response = stub.ClusterInfo(pb.ClusterInfoRequest(), timeout=30)
+        click.echo(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True), indent=2))
+    except grpc.RpcError as error:
+        click.echo(f"pdserve: {error.code().name}: {error.details()}", err=True)
+        sys.exit(1)
+    finally:
+        channel.close()
+
+
+def _register_bench() -> None:
+    from cluster.bench.cli import bench
+
+    main.add_command(bench)
+
+
+_register_bench()
