@@ -12,7 +12,7 @@ from protos import pdserve_pb2 as pb
 LIMITS = ModelLimits(vocab_size=320, max_model_len=64)
 
 
-def _validate(request: pb.GenerateRequest):  # noqa: ANN202
+def _validate(request: pb.GenerateRequest):
     wire = parse_generate_request(request.SerializeToString())
     assert not isinstance(wire, WireParseFailure)
     return validate(wire, ByteTokenizer().encode, LIMITS)

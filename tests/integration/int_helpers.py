@@ -32,7 +32,7 @@ def cluster_config(num_prefill: int = 1, num_decode: int = 1, **changes: object)
 
 
 @cache
-def _reference_model():  # noqa: ANN202 -- a transformers model
+def _reference_model():
     from engine.builtin import build_builtin_hf_model
 
     return build_builtin_hf_model("float32")

@@ -1,0 +1,140 @@
+"""Tokens/s through the gRPC API next to the decode pool driven directly, in one run.
+
+    python -m cluster.throughput_bench [--streams 1,8,32] [--max-tokens 128] [--prompt-tokens 32]
+
+One embedded cluster (1 prefill + 1 decode replica unless told otherwise). For each concurrency N:
+- **API**: N concurrent ``Generate`` streams through the ingress replica's gRPC server;
+- **direct**: the same N requests driven from this process through ``DeploymentHandle``s (prefill, then
+  the decode replica's token stream), i.e. the decode pool with no ingress and no gRPC in between.
+Throughput is generated tokens / wall time from the first request sent to the last token received.
+The table prints both and the ratio (acceptance: API >= 90 % of direct at 32 streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+import click
+import grpc
+
+from cluster.config import ClusterConfig, GrpcSection, PoolConfig
+from cluster.embedded import EmbeddedCluster
+from prefill_worker.requests import DecodeRequest, SamplingSpec, WorkerRequest
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc
+
+
+@dataclass(frozen=True)
+class RunResult:
+    num_tokens: int
+    seconds: float
+    num_messages: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.seconds
+
+
+def _prompts(num: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[256] + [rng.randrange(32, 127) for _ in range(length - 1)] for _ in range(num)]
+
+
+async def _api_run(address: str, prompts: list[list[int]], max_tokens: int) -> RunResult:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pdserve_pb2_grpc.PDServeStub(channel)
+
+        async def one(prompt: list[int]) -> tuple[int, int]:
+            request = pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=prompt), max_tokens=max_tokens, ignore_eos=True
+            )
+            num_tokens = num_messages = 0
+            async for response in stub.Generate(request, timeout=600):
+                num_tokens += len(response.token_ids)
+                num_messages += 1
+            return num_tokens, num_messages
+
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(p) for p in prompts))
+        seconds = time.perf_counter() - start
+    return RunResult(sum(c[0] for c in counts), seconds, sum(c[1] for c in counts))
+
+
+async def _direct_run(app_name: str, prompts: list[list[int]], max_tokens: int) -> RunResult:
+    from ray import serve
+
+    prefill = serve.get_deployment_handle("PrefillDeployment", app_name)
+    decode = serve.get_deployment_handle("DecodeDeployment", app_name).options(stream=True)
+
+    async def one(prompt: list[int]) -> tuple[int, int]:
+        work = WorkerRequest(
+            uuid.uuid4().hex, tuple(prompt), SamplingSpec(max_tokens=max_tokens, ignore_eos=True)
+        )
+        result = await prefill.prefill.remote(work)
+        num_tokens, num_messages = 1, 1
+        async for chunk in decode.generate.remote(DecodeRequest(work, result.first_token_id, result.handle)):
+            if chunk.is_transfer_report:
+                await prefill.release.remote(work.request_id, target_replica_id=result.replica_id)
+                continue
+            num_tokens += len(chunk.token_ids)
+            num_messages += 1
+        return num_tokens, num_messages
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(p) for p in prompts))
+    seconds = time.perf_counter() - start
+    return RunResult(sum(c[0] for c in counts), seconds, sum(c[1] for c in counts))
+
+
+@click.command()
+@click.option("--streams", default="1,8,32", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--prompt-tokens", type=int, default=32, show_default=True)
+@click.option("--repeats", type=int, default=2, show_default=True, help="Runs per cell; the best is kept.")
+@click.option("--decode-cpus", type=float, default=1.0, show_default=True)
+def main(streams: str, max_tokens: int, prompt_tokens: int, repeats: int, decode_cpus: float) -> None:
+    """Print API vs direct decode-pool tokens/s at each concurrency."""
+    levels = [int(s) for s in streams.split(",")]
+    pool = {"torch_threads": 1, "max_ongoing_requests": 512}
+    config = ClusterConfig(
+        kv_cache_bytes=64 * 2**20,
+        max_num_seqs=max(64, max(levels)),
+        prefill=PoolConfig(num_cpus=0.5, **pool),  # type: ignore[arg-type]
+        decode=PoolConfig(num_cpus=decode_cpus, **pool),  # type: ignore[arg-type]
+        grpc=GrpcSection(port=0),
+    )
+    with EmbeddedCluster(config) as cluster:
+        asyncio.run(_api_run(cluster.grpc_address, _prompts(4, prompt_tokens, 0), 8))  # warm-up
+        asyncio.run(_direct_run(config.app_name, _prompts(4, prompt_tokens, 0), 8))
+        rows = []
+        for level in levels:
+            prompts = _prompts(level, prompt_tokens, level)
+            direct = max(
+                (asyncio.run(_direct_run(config.app_name, prompts, max_tokens)) for _ in range(repeats)),
+                key=lambda r: r.tokens_per_s,
+            )
+            api = max(
+                (asyncio.run(_api_run(cluster.grpc_address, prompts, max_tokens)) for _ in range(repeats)),
+                key=lambda r: r.tokens_per_s,
+            )
+            rows.append((level, api, direct))
+            click.echo(f"  measured {level} streams", err=True)
+    click.echo(f"\nprompt {prompt_tokens} tokens, max_tokens {max_tokens}, ignore_eos; best of {repeats}\n")
+    click.echo(
+        "| streams | API tokens/s | direct decode pool tokens/s | API / direct | tokens per API message |"
+    )
+    click.echo("|---:|---:|---:|---:|---:|")
+    for level, api, direct in rows:
+        click.echo(
+            f"| {level} | {api.tokens_per_s:.0f} | {direct.tokens_per_s:.0f} | "
+            f"{100 * api.tokens_per_s / direct.tokens_per_s:.0f} % | "
+            f"{api.num_tokens / api.num_messages:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
