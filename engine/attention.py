@@ -4,8 +4,9 @@ One step's batch is flattened to ``T`` tokens: first ``num_decode_tokens`` decod
 decoding sequence), then the prefill chunks, each a contiguous run of tokens of one sequence.
 Each layer writes the new tokens' K/V into their slots, then attends:
 
-- decode tokens as ONE batched SDPA: the sequences' blocks are gathered into a padded
-  ``[B, max_blocks * block_size]`` context and masked by context length; the query heads that share a
+- decode tokens as ONE batched SDPA over a padded ``[B, kv_heads, S, head_dim]`` context masked by
+  context length: read from the ``DecodeMirror`` (a contiguous copy of the batch's KV, see
+  decode_mirror.py) or, without it, gathered from the sequences' blocks; the query heads that share a
   KV head are laid out as that KV head's query rows (GQA without repeating K/V);
 - each prefill chunk with one SDPA over its gathered context (causal within the chunk), or straight
   over the chunk's own K/V when nothing precedes it.
@@ -37,9 +38,11 @@ class AttentionMetadata:
     slot_block_ids: torch.Tensor  # [T] int64: block that receives each new token's K/V
     slot_offsets: torch.Tensor  # [T] int64: offset of that token inside its block
     num_decode_tokens: int  # B: the first B tokens are single-token decodes, one per sequence
-    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool: key is in context
+    decode_mask: torch.Tensor | None  # [B, 1, 1, S] bool: key slot is in context
     prefills: list[PrefillChunk]
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64 padded with block 0 (gather path)
+    decode_mirror: torch.Tensor | None = None  # [layers, 2, rows, kv_heads, capacity, head_dim] (mirror path)
+    decode_positions: torch.Tensor | None = None  # [B] int64: position of each decode token (mirror path)
 
 
 def build_prefill_mask(context_start: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
@@ -61,6 +64,7 @@ class TorchAttention:
     """Paged attention with ``scaled_dot_product_attention``; runs on CPU and CUDA."""
 
     name = "torch"
+    uses_decode_mirror = True  # decode reads the DecodeMirror when the runner provides one
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads = num_heads
@@ -79,6 +83,7 @@ class TorchAttention:
 
     def forward(
         self,
+        layer: int,
         layer_cache: torch.Tensor,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -87,13 +92,16 @@ class TorchAttention:
     ) -> torch.Tensor:
         """query ``[T, heads, head_dim]``, key/value ``[T, kv_heads, head_dim]``; returns like query."""
         self.write_kv(layer_cache, key, value, meta)
-        if meta.num_decode_tokens == len(query) and meta.decode_block_tables is not None:
-            return self._decode(layer_cache, query, meta)
-        output = torch.empty_like(query)
-        if meta.num_decode_tokens:
-            output[: meta.num_decode_tokens] = self._decode(
-                layer_cache, query[: meta.num_decode_tokens], meta
+        num_decodes = meta.num_decode_tokens
+        if num_decodes:
+            decoded = self._decode_any(
+                layer, layer_cache, query[:num_decodes], key[:num_decodes], value[:num_decodes], meta
             )
+            if num_decodes == len(query):
+                return decoded
+        output = torch.empty_like(query)
+        if num_decodes:
+            output[:num_decodes] = decoded
         for chunk in meta.prefills:
             end = chunk.token_start + chunk.num_tokens
             output[chunk.token_start : end] = self._prefill(
@@ -105,15 +113,44 @@ class TorchAttention:
             )
         return output
 
+    def _decode_any(
+        self,
+        layer: int,
+        layer_cache: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        if meta.decode_mirror is None:
+            return self._decode(layer_cache, query, meta)
+        assert meta.decode_positions is not None and meta.decode_mask is not None
+        batch, context = query.shape[0], meta.decode_mask.shape[-1]
+        mirror = meta.decode_mirror[layer]  # [2, rows, kv_heads, capacity, head_dim]
+        rows = torch.arange(batch, device=query.device)
+        # Append this step's token: mirror[kv, b, :, position_b] <- key/value[b] ([B, kv_heads, head_dim])
+        mirror[0][rows, :, meta.decode_positions] = key
+        mirror[1][rows, :, meta.decode_positions] = value
+        keys, values = mirror[0, :batch, :, :context], mirror[1, :batch, :, :context]
+        return self._attend_decode(query, keys, values, meta)
+
     def _decode(
         self, layer_cache: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        """Gather path: the batch's blocks copied into ``[B, kv_heads, M * block_size, head_dim]``."""
+        assert meta.decode_block_tables is not None
+        batch = meta.decode_block_tables.shape[0]
+        flat = meta.decode_block_tables.flatten()
+        # index_select over whole blocks ([block_size, kv_heads, head_dim] runs) is the fast gather.
+        keys = layer_cache[:, 0].index_select(0, flat).view(batch, -1, self.num_kv_heads, self.head_dim)
+        values = layer_cache[:, 1].index_select(0, flat).view(batch, -1, self.num_kv_heads, self.head_dim)
+        return self._attend_decode(query, keys.transpose(1, 2), values.transpose(1, 2), meta)
+
+    def _attend_decode(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """query ``[B, heads, head_dim]``; keys/values ``[B, kv_heads, S, head_dim]``."""
         batch = query.shape[0]
-        tables = meta.decode_block_tables  # [B, M]
-        # [B, M, block_size, kv_heads, head_dim] -> [B, kv_heads, M * block_size, head_dim]
-        keys = layer_cache[:, 0][tables].flatten(1, 2).transpose(1, 2)
-        values = layer_cache[:, 1][tables].flatten(1, 2).transpose(1, 2)
         # GQA: the group's query heads become the KV head's query rows: [B, kv_heads, group, head_dim]
         grouped = query.view(batch, self.num_kv_heads, self.group_size, self.head_dim)
         out = F.scaled_dot_product_attention(
@@ -140,8 +177,9 @@ class TorchAttention:
         else:
             context_len = chunk.context_start + chunk.num_tokens
             # [num_blocks, block_size, kv_heads, head_dim] -> [1, kv_heads, context_len, head_dim]
-            keys = layer_cache[:, 0][chunk.block_table].flatten(0, 1)[:context_len].transpose(0, 1)[None]
-            values = layer_cache[:, 1][chunk.block_table].flatten(0, 1)[:context_len].transpose(0, 1)[None]
+            keys = layer_cache[:, 0].index_select(0, chunk.block_table).flatten(0, 1)[:context_len]
+            values = layer_cache[:, 1].index_select(0, chunk.block_table).flatten(0, 1)[:context_len]
+            keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(
                 query_t, keys, values, attn_mask=chunk.mask, scale=self.scale, enable_gqa=True
             )

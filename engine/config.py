@@ -62,6 +62,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" | "torch" | "flash_attn" (CUDA only)
     device: str = "cpu"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    decode_mirror_bytes: int = 256 * 1024 * 1024  # contiguous decode KV copy (see decode_mirror.py); 0 = off
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -74,6 +75,8 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
+        if self.decode_mirror_bytes < 0:
+            raise ValueError(f"decode_mirror_bytes must be >= 0, got {self.decode_mirror_bytes}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be > 0, got {self.num_threads}")
         self.cache_config  # noqa: B018 -- validates block_size / kv_cache_bytes

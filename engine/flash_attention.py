@@ -28,6 +28,7 @@ class FlashAttention(TorchAttention):
     """``TorchAttention`` with flash-attn kernels for the decode batch and the prefill chunks."""
 
     name = "flash_attn"
+    uses_decode_mirror = False
 
     def _decode(
         self, layer_cache: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata

@@ -78,7 +78,9 @@ class LLMEngine:
         self.tokenizer: Tokenizer = tokenizer or self._load_tokenizer(hf_model)
         self.pool = BlockPool(layout.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.pool, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, config.block_size, self.device, config.decode_mirror_bytes
+        )
         self.sampler = Sampler()
         self._requests: dict[str, Sequence] = {}  # waiting or running
         self._pinned: dict[str, list[int]] = {}  # prefill_only finished: request -> prompt blocks

@@ -36,8 +36,9 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Self-attention block: projections, optional q/k norm, RoPE, paged attention, output projection."""
 
-    def __init__(self, config: ModelConfig, backend: TorchAttention) -> None:
+    def __init__(self, config: ModelConfig, backend: TorchAttention, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         if self.has_qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        out = self.backend.forward(layer_cache, query, key, value, meta)  # [T, heads, head_dim]
+        out = self.backend.forward(self.layer, layer_cache, query, key, value, meta)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -88,9 +89,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention then MLP."""
 
-    def __init__(self, config: ModelConfig, backend: TorchAttention) -> None:
+    def __init__(self, config: ModelConfig, backend: TorchAttention, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config, backend)
+        self.self_attn = Attention(config, backend, layer)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -106,7 +107,9 @@ class _Body(nn.Module):
     def __init__(self, config: ModelConfig, backend: TorchAttention) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, backend, layer) for layer in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 

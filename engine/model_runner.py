@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, PrefillChunk, build_decode_mask, build_prefill_mask
+from engine.decode_mirror import DecodeMirror
 from engine.model import CausalLM
 from engine.scheduler import ScheduledSequence
 from engine.sequence import Sequence
@@ -25,12 +26,21 @@ class ModelRunner:
     """Runs one step of ``CausalLM`` for a batch mixing decode tokens and prefill chunks."""
 
     def __init__(
-        self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: torch.device
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        device: torch.device,
+        decode_mirror_bytes: int = 0,
     ) -> None:
+        """``decode_mirror_bytes``: budget of the contiguous decode copy (0 turns it off)."""
         self.model = model
         self.kv_cache = kv_cache  # [num_blocks, layers, 2, block_size, kv_heads, head_dim]
         self.block_size = block_size
         self.device = device
+        backend = model.model.layers[0].self_attn.backend
+        use_mirror = decode_mirror_bytes > 0 and getattr(backend, "uses_decode_mirror", False)
+        self.mirror = DecodeMirror(kv_cache, decode_mirror_bytes) if use_mirror else None
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[Sequence]]:
@@ -49,30 +59,29 @@ class ModelRunner:
         slot_blocks: list[torch.Tensor] = []
         logits_indices: list[int] = []
         sampling_seqs: list[Sequence] = []
-        decode_tables = decode_mask = None
+        meta = AttentionMetadata(
+            slot_block_ids=torch.empty(0),
+            slot_offsets=torch.empty(0),
+            num_decode_tokens=len(decodes),
+            decode_mask=None,
+            prefills=[],
+        )
         if decodes:
-            decode_tables, decode_mask = self._prepare_decodes(decodes, ids, positions, slot_blocks)
+            decodes = self._prepare_decodes(decodes, meta, ids, positions, slot_blocks)
             for row, item in enumerate(decodes):
                 if item.completes_sequence:
                     logits_indices.append(row)
                     sampling_seqs.append(item.seq)
-        prefills = []
         token_start = len(decodes)
         for item in chunks:
-            prefills.append(self._prepare_chunk(item, token_start, ids, positions, slot_blocks))
+            meta.prefills.append(self._prepare_chunk(item, token_start, ids, positions, slot_blocks))
             token_start += item.num_tokens
             if item.completes_sequence:
                 logits_indices.append(token_start - 1)
                 sampling_seqs.append(item.seq)
         position_tensor = torch.cat(positions)
-        meta = AttentionMetadata(
-            slot_block_ids=torch.cat(slot_blocks),
-            slot_offsets=position_tensor % self.block_size,
-            num_decode_tokens=len(decodes),
-            decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
-            prefills=prefills,
-        )
+        meta.slot_block_ids = torch.cat(slot_blocks)
+        meta.slot_offsets = position_tensor % self.block_size
         return ModelInput(
             input_ids=torch.cat(ids),
             positions=position_tensor,
@@ -84,28 +93,46 @@ class ModelRunner:
     def _prepare_decodes(
         self,
         decodes: list[ScheduledSequence],
+        meta: AttentionMetadata,
         ids: list[torch.Tensor],
         positions: list[torch.Tensor],
         slot_blocks: list[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.block_size
-        token_ids, token_positions, blocks, tables = [], [], [], []
-        max_blocks = max(len(item.seq.block_ids) for item in decodes)
+    ) -> list[ScheduledSequence]:
+        """Fill the decode part of ``meta``; returns the decode items in batch order."""
+        context_lens = [item.seq.num_computed_tokens + 1 for item in decodes]  # including the new token
+        max_context = max(context_lens)
+        mirror = self.mirror
+        use_mirror = mirror is not None and mirror.fits(len(decodes), max_context)
+        if use_mirror:
+            assert mirror is not None
+            by_seq = {id(item.seq): item for item in decodes}
+            decodes = [by_seq[id(seq)] for seq in mirror.prepare([d.seq for d in decodes], context_lens)]
+            meta.decode_mirror = mirror.tensor
+        elif mirror is not None:
+            mirror.clear()
+        size, device = self.block_size, self.device
+        token_ids, token_positions, blocks = [], [], []
         for item in decodes:
             seq = item.seq
             position = seq.num_computed_tokens
             token_ids.append(seq.token_ids[position])
             token_positions.append(position)
             blocks.append(seq.block_ids[position // size])
-            tables.append(seq.block_ids + [0] * (max_blocks - len(seq.block_ids)))  # padding is masked
-        device = self.device
         position_tensor = torch.tensor(token_positions, dtype=torch.long, device=device)
         ids.append(torch.tensor(token_ids, dtype=torch.long, device=device))
         positions.append(position_tensor)
         slot_blocks.append(torch.tensor(blocks, dtype=torch.long, device=device))
-        block_tables = torch.tensor(tables, dtype=torch.long, device=device)  # [B, max_blocks]
-        mask = build_decode_mask(position_tensor + 1, max_blocks * size)  # context includes the new token
-        return block_tables, mask
+        if use_mirror:
+            meta.decode_positions = position_tensor
+            meta.decode_mask = build_decode_mask(position_tensor + 1, max_context)
+        else:
+            max_blocks = max(len(item.seq.block_ids) for item in decodes)
+            tables = [item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in decodes]
+            meta.decode_block_tables = torch.tensor(
+                tables, dtype=torch.long, device=device
+            )  # [B, max_blocks]
+            meta.decode_mask = build_decode_mask(position_tensor + 1, max_blocks * size)  # padding is masked
+        return decodes
 
     def _prepare_chunk(
         self,

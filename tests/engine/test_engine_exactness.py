@@ -72,9 +72,11 @@ def test_continuous_batching_then_prefix_cache(case) -> None:
     assert_pool_empty(engine)
 
 
-def test_chunked_prefill_32(case) -> None:
+@pytest.mark.parametrize("decode_mirror_bytes", [0, 2**20], ids=["gather", "mirror"])
+def test_chunked_prefill_32(case, decode_mirror_bytes: int) -> None:
+    """Chunks of 32 tokens mixed with decodes; decode attention gathers blocks or reads the mirror."""
     _, model, prompts, references = case
-    engine = make_engine(model, max_num_batched_tokens=32)
+    engine = make_engine(model, max_num_batched_tokens=32, decode_mirror_bytes=decode_mirror_bytes)
     _add_all(engine, prompts)
     _check(run_to_completion(engine), prompts, references)
     assert_pool_empty(engine)
