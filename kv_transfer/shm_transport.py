@@ -166,19 +166,32 @@ class ShmTransport(KVTransport):
     def _copy_runs(
         self, transfer: TransferState, segment: Segment, runs: list[BlockRun], block_bytes: int
     ) -> None:
+        """Copy every run; pieces are grouped into ~copy_chunk_bytes batches, one lock hold per batch."""
         assert self._local is not None and segment.data is not None
         src, dst = segment.data, self._local.data
         chunk = self.config.shm.copy_chunk_bytes
+        batch: list[tuple[int, int, int]] = []  # (src offset, dst offset, length) in bytes
+        batch_bytes = 0
         for run in runs:
-            # one run = [remote_start, +num_blocks) -> [local_start, +num_blocks), moved in chunks
-            src_offset, dst_offset = run.remote_start * block_bytes, run.local_start * block_bytes
             length = run.num_blocks * block_bytes
-            for begin in range(0, length, chunk):
-                end = min(begin + chunk, length)
-                with transfer.writing():
-                    dst[dst_offset + begin : dst_offset + end].copy_(
-                        src[src_offset + begin : src_offset + end]
-                    )
+            for begin in range(0, length, chunk):  # a long run is split so a timeout can cut in
+                piece = min(chunk, length - begin)
+                batch.append(
+                    (run.remote_start * block_bytes + begin, run.local_start * block_bytes + begin, piece)
+                )
+                batch_bytes += piece
+                if batch_bytes >= chunk:
+                    self._copy_batch(transfer, src, dst, batch)
+                    batch, batch_bytes = [], 0
+        self._copy_batch(transfer, src, dst, batch)
+
+    @staticmethod
+    def _copy_batch(
+        transfer: TransferState, src: torch.Tensor, dst: torch.Tensor, batch: list[tuple[int, int, int]]
+    ) -> None:
+        with transfer.writing():
+            for src_offset, dst_offset, length in batch:
+                dst[dst_offset : dst_offset + length].copy_(src[src_offset : src_offset + length])
 
     def _peer_segment(self, endpoint: TransferEndpoint, metadata: dict) -> Segment:
         """The cached mapping of the peer's incarnation; a new incarnation drops the old one first."""
