@@ -161,8 +161,9 @@ def print_table(rows: list[Row]) -> None:
     print(header)
     for r in rows:
         print(
-            f"{r.backend:<11}{r.case:<23}{r.num_bytes / 2**20:>8.2f}{r.num_runs:>5}{r.latency_ms_median:>9.3f}"
-            f"{r.latency_ms_p90:>9.3f}{r.gb_per_s:>7.2f}{r.ceiling_gb_per_s:>7.2f}{r.ratio_to_ceiling:>6.2f} |"
+            f"{r.backend:<11}{r.case:<23}{r.num_bytes / 2**20:>8.2f}{r.num_runs:>5}"
+            f"{r.latency_ms_median:>9.3f}{r.latency_ms_p90:>9.3f}"
+            f"{r.gb_per_s:>7.2f}{r.ceiling_gb_per_s:>7.2f}{r.ratio_to_ceiling:>6.2f} |"
             f"{r.best_gb_per_s:>10.2f}{r.best_ceiling_gb_per_s:>7.2f}{r.best_ratio_to_ceiling:>6.2f}"
             f"  {'yes' if r.verified else 'NO'}"
         )
