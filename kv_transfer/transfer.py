@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from kv_transfer.base import Transfer, TransferError, TransferStatus
 
 _TERMINAL = (TransferStatus.DONE, TransferStatus.FAILED)
+_SPIN_S = 50e-6  # polled backends: busy-poll this long before the first sleep (a sleep costs ~60 us)
 
 
 class TransferAborted(TransferError):
@@ -67,6 +68,7 @@ class TransferState(Transfer):
         wait_until = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
         poll_s = self._poll_interval()
         delay = 1e-5
+        spin_until = time.monotonic() + _SPIN_S if poll_s is not None else 0.0
         while True:
             self._refresh()
             if self.is_terminal:
@@ -80,6 +82,8 @@ class TransferState(Transfer):
                 return self._status
             if poll_s is None:
                 self._done.wait(wait_until - now)
+            elif now < spin_until:  # small reads finish in microseconds: re-poll before sleeping
+                continue
             else:  # backends without completion callbacks: back off from 10 us to poll_s
                 self._done.wait(min(delay, wait_until - now))
                 delay = min(delay * 2, poll_s)
