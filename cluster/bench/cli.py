@@ -100,7 +100,10 @@ def bench(address: str, embedded: bool, mode: str, compare: bool, colocated_repl
         raise click.BadParameter("--rate inf needs --num-requests")
     out_dir = Path(output_dir or f"bench-out/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     targets = _targets(address, embedded, mode, compare, cluster_config, colocated_replicas)
-    run_suite(config, Workload(config), targets, out_dir, show_progress=not no_progress, echo=click.echo)
+    try:
+        run_suite(config, Workload(config), targets, out_dir, show_progress=not no_progress, echo=click.echo)
+    except (RuntimeError, TimeoutError) as error:   # unreachable server, failed warm-up
+        raise click.ClickException(f"{type(error).__name__}: {error}") from error
 
 
 def _targets(address: str, embedded: bool, mode: str, compare: bool, cluster_config: str | None,

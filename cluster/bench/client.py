@@ -30,6 +30,7 @@ class RequestRecord:
     num_prompt_tokens: int                    # tokens sent
     max_tokens: int
     send_s: float
+    is_clipped: bool = False                  # the workload cut its lengths to fit the context
     status: str = OK                          # grpc.StatusCode name, or CLIENT_ERROR
     error: str = ""
     message_times_s: list[float] = field(default_factory=list)
@@ -88,7 +89,7 @@ async def send_request(stub: pdserve_pb2_grpc.PDServeStub, request: BenchRequest
     message = build_request(request, request_id, seed, tenant_id)
     record = RequestRecord(index=request.index, request_id=request_id,
                            num_prompt_tokens=len(request.prompt_token_ids), max_tokens=request.max_tokens,
-                           send_s=time.perf_counter() - origin)
+                           is_clipped=request.is_clipped, send_s=time.perf_counter() - origin)
     try:
         async for response in stub.Generate(message, timeout=timeout_s):
             # stamp first: the parsing below must not shift the arrival time

@@ -60,7 +60,10 @@ class BenchRunner:
         """Run to completion inside the caller's event loop."""
         async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
             stub = pdserve_pb2_grpc.PDServeStub(channel)
-            await asyncio.wait_for(channel.channel_ready(), timeout=60.0)
+            try:
+                await asyncio.wait_for(channel.channel_ready(), timeout=60.0)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no gRPC server at {self.address} after 60 s") from None
             cluster = await self._cluster_identity(stub)
             await self._warm_up(stub)
             timed = self.config.arrival != "closed"
