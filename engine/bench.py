@@ -2,8 +2,9 @@
 
 Prints one side-by-side table: prefill tokens/s at 512 and 2048 prompt tokens; decode tokens/s at
 batch 1, 8 and 32. Both sides run the same weights, the same prompts (equal lengths, so transformers
-needs no padding), greedy, float32, on the same torch thread count. Decode time is measured the same
-way on both sides: time(prompt + N new tokens) - time(prompt + 1 new token), over ``B * (N - 1)`` tokens.
+needs no padding), greedy, float32, on the same torch thread count, the two sides interleaved run by
+run. Decode time is measured the same way on both sides: time(prompt + N new tokens) - time(prompt +
+1 new token) on other prompts of the same length (no prefix-cache hit), over ``B * (N - 1)`` tokens.
 """
 
 from __future__ import annotations
@@ -26,63 +27,79 @@ def _prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(0, 256, (batch, length), generator=generator).tolist()
 
 
-def _best_of(repeats: int, run: Callable[[int], float]) -> float:
-    """Median of ``repeats`` timed runs (each run gets a fresh seed, so no prefix-cache hits)."""
-    return statistics.median(run(seed) for seed in range(repeats))
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class PdserveSide:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, clock: Callable[[], float]) -> None:
         self.engine = engine
+        self.clock = clock
         self.counter = 0
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> float:
         engine = self.engine
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-        start = time.perf_counter()
+        start = self.clock()
         for prompt in prompts:
             self.counter += 1
             engine.add_request(f"bench-{self.counter}", prompt, params)
         while engine.has_unfinished_requests():
             engine.step()
-        return time.perf_counter() - start
+        return self.clock() - start
 
 
 class TransformersSide:
-    def __init__(self, model: torch.nn.Module) -> None:
-        from transformers import GenerationConfig
-
+    def __init__(self, model: torch.nn.Module, clock: Callable[[], float]) -> None:
         self.model = model
-        self.config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+        self.clock = clock
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], new_tokens: int) -> float:
-        input_ids = torch.tensor(prompts)
-        start = time.perf_counter()
-        self.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=self.config,
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
         )
-        return time.perf_counter() - start
+        input_ids = torch.tensor(prompts)
+        start = self.clock()
+        self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+        return self.clock() - start
 
 
-def measure(side: PdserveSide | TransformersSide, args: argparse.Namespace) -> dict[str, float]:
-    """tokens/s for each table row."""
-    results = {}
+Side = PdserveSide | TransformersSide
+
+
+def measure(sides: tuple[Side, Side], args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Per table row, tokens/s of both sides: median over repeats, the two sides interleaved run by run
+    (so load from other jobs on a shared machine hits both alike); fresh prompts each repeat."""
+    results: dict[str, tuple[float, float]] = {}
+
+    def row(name: str, num_tokens: int, run: Callable[[Side, int], float]) -> None:
+        times: tuple[list[float], list[float]] = ([], [])
+        for seed in range(args.repeats):
+            for index, side in enumerate(sides):
+                times[index].append(run(side, seed))
+        ours, theirs = (num_tokens / statistics.median(t) for t in times)
+        results[name] = (ours, theirs)
+
     for length in (512, 2048):
-        seconds = _best_of(args.repeats, lambda seed, n=length: side.generate(_prompts(1, n, 100 + seed), 1))
-        results[f"prefill {length} tok"] = length / seconds
+        row(
+            f"prefill {length} tok",
+            length,
+            lambda side, seed, n=length: side.generate(_prompts(1, n, seed), 1),
+        )
     for batch in (1, 8, 32):
 
-        def decode(seed: int, b: int = batch) -> float:
-            prompts = _prompts(b, args.decode_prompt_len, 1000 + seed)
-            return side.generate(prompts, args.decode_tokens) - side.generate(prompts, 1)
+        def decode(side: Side, seed: int, b: int = batch) -> float:
+            # Different prompts for the two runs: the second must not hit the first's prefix cache.
+            full = side.generate(_prompts(b, args.decode_prompt_len, 1000 + seed), args.decode_tokens)
+            return full - side.generate(_prompts(b, args.decode_prompt_len, 2000 + seed), 1)
 
-        seconds = _best_of(args.repeats, decode)
-        results[f"decode batch {batch}"] = batch * (args.decode_tokens - 1) / seconds
+        row(f"decode batch {batch}", batch * (args.decode_tokens - 1), decode)
     return results
 
 
@@ -92,24 +109,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-prompt-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(_CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, 1 thread)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(kv_cache_bytes=512 * 2**20, max_num_batched_tokens=2048, max_num_seqs=64))
     hf_model = build_builtin_hf_model()
-    side_ours, side_hf = PdserveSide(engine), TransformersSide(hf_model)
-    side_ours.generate(_prompts(2, 64, 7), 4)  # warm-up both
-    side_hf.generate(_prompts(2, 64, 7), 4)
-    ours, theirs = measure(side_ours, args), measure(side_hf, args)
+    clock = _CLOCKS[args.clock]
+    sides = (PdserveSide(engine, clock), TransformersSide(hf_model, clock))
+    for side in sides:
+        side.generate(_prompts(2, 64, 7), 4)  # warm-up
+    results = measure(sides, args)
     print(
         f"engine bench: built-in model {engine.layout_fingerprint()}, float32, torch threads "
-        f"{torch.get_num_threads()}, decode = {args.decode_prompt_len}-token prompts + "
-        f"{args.decode_tokens} new tokens, median of {args.repeats}"
+        f"{torch.get_num_threads()}, {args.clock} clock, decode = {args.decode_prompt_len}-token prompts"
+        f" + {args.decode_tokens} new tokens, median of {args.repeats} (sides interleaved)"
     )
     print(f"| {'tokens/s':<18} | {'pdserve':>10} | {'transformers':>12} | {'ratio':>6} |")
     print(f"|{'-' * 20}|{'-' * 12}|{'-' * 14}|{'-' * 8}|")
-    for row, value in ours.items():
-        print(f"| {row:<18} | {value:>10.0f} | {theirs[row]:>12.0f} | {value / theirs[row]:>5.2f}x |")
+    for name, (ours, theirs) in results.items():
+        print(f"| {name:<18} | {ours:>10.0f} | {theirs:>12.0f} | {ours / theirs:>5.2f}x |")
 
 
 if __name__ == "__main__":
