@@ -9,7 +9,7 @@ the raw observations and any figure can be recomputed from it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import grpc
@@ -63,8 +63,9 @@ class RequestRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
-        """Inverse of `to_dict`."""
-        return cls(**data)
+        """Inverse of `to_dict` (derived keys that results.json adds are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def build_request(request: BenchRequest, request_id: str, seed: int,

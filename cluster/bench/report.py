@@ -11,7 +11,7 @@ from typing import Any
 
 from cluster.bench.client import RequestRecord
 from cluster.bench.config import BenchConfig
-from cluster.bench.metrics import PERCENTILES
+from cluster.bench.metrics import PERCENTILES, e2e_ms, itl_ms, tpot_ms, ttft_ms
 from cluster.bench.runner import RunResult
 
 LATENCIES = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E"))
@@ -76,6 +76,13 @@ def markdown_table(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def request_entry(record: RequestRecord) -> dict[str, Any]:
+    """One request of results.json: the raw record, plus its derived figures for convenience
+    (first_token_s, ttft_ms, tpot_ms, e2e_ms, itl_ms; None where undefined)."""
+    return {**record.to_dict(), "first_token_s": record.first_token_s, "ttft_ms": ttft_ms(record),
+            "tpot_ms": tpot_ms(record), "e2e_ms": e2e_ms(record), "itl_ms": itl_ms(record)}
+
+
 def results_document(config: BenchConfig, label: str, result: RunResult, summary: dict[str, Any],
                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results.json document."""
@@ -85,7 +92,7 @@ def results_document(config: BenchConfig, label: str, result: RunResult, summary
         "run": {"started_at_unix": result.started_at_unix, **(extra or {})},
         "cluster": result.cluster,
         "summary": summary,
-        "requests": [r.to_dict() for r in result.records],
+        "requests": [request_entry(r) for r in result.records],
         "cluster_samples": result.samples,
     }
 

@@ -149,6 +149,13 @@ def test_cli_summary_recomputed_from_results_json(server, tmp_path: Path):
     assert len(document["requests"]) == 16
     assert {r["num_prompt_tokens"] for r in document["requests"]} == set(PLANS)   # all classes ran
     assert document["config"]["slo"] == {"ttft_ms": 80.0, "tpot_ms": 20.0, "e2e_ms": None}
+    for r in document["requests"]:   # the convenience figures agree with the raw stamps
+        if r["status"] == "OK":
+            first = next(t for t, n in zip(r["message_times_s"], r["message_num_tokens"], strict=True) if n)
+            assert r["first_token_s"] == first
+            assert r["ttft_ms"] == pytest.approx((first - r["send_s"]) * 1000)
+            assert r["e2e_ms"] == pytest.approx((r["message_times_s"][-1] - r["send_s"]) * 1000)
+            assert len(r["itl_ms"]) == sum(r["message_num_tokens"]) - 1
     labels, rows = parse_table((out / "summary.md").read_text())
     assert labels == ["cluster"]
     assert_table_matches({m: c[0] for m, c in rows.items()}, recompute(document))
