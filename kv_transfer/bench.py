@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing as mp
 import platform
 import statistics
@@ -79,7 +80,16 @@ class Row:
     verified: bool  # the last pull's blocks match the peer's (SHA-256 per block, both sides)
 
 
+def quiet_nixl_logs(config: TransportConfig) -> None:
+    """NIXL logs INFO lines to stdout, which would corrupt ``--json``: raise its logger to WARNING."""
+    if config.backend == "nixl":
+        import nixl._api  # noqa: F401  (configures the "nixl" logger on import)
+
+        logging.getLogger("nixl").setLevel(logging.WARNING)
+
+
 def _serve(conn: Connection, config: TransportConfig, layout: LayoutSignature, num_blocks: int) -> None:
+    quiet_nixl_logs(config)
     transport = make_transport(config, f"bench-prefill-{config.backend}")
     pool = transport.allocate_pool(pool_shape(layout, num_blocks), _DTYPES[layout.dtype])
     flat = pool.view(-1).view(torch.uint8)
@@ -95,6 +105,7 @@ def measure(
 ) -> list[Row]:
     """Spawn a serving peer for ``layout``, pull every case of ``group`` from it, return the rows."""
     backend = config.backend
+    quiet_nixl_logs(config)
     context = mp.get_context("spawn")
     parent, child = context.Pipe()
     peer = context.Process(target=_serve, args=(child, config, layout, pool_blocks), daemon=True)

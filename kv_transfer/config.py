@@ -50,7 +50,8 @@ class NixlConfig:
     num_threads: int = 0
     """UCX worker threads (0 = NIXL's default)."""
     enable_progress_thread: bool = True
-    """NIXL progress thread, so transfers advance while nobody polls."""
+    """NIXL progress thread. Required on a worker that serves reads (prefill); it busy-polls (~1/3 core
+    idle), so a read-only decode worker may turn it off (its own polling drives its reads)."""
     poll_interval_s: float = 0.0002
     """Upper bound of the back-off between check_xfer_state polls while waiting."""
     hugepages: bool = True
