@@ -21,7 +21,6 @@ from typing import Any
 
 from cluster.bench.config import BenchConfig
 from cluster.bench.metrics import summarize
-from cluster.bench.plots import write_plots
 from cluster.bench.report import load_records, markdown_table, results_document, write_run
 from cluster.bench.runner import BenchRunner
 from cluster.bench.workload import Workload
@@ -67,6 +66,8 @@ def embedded_target(mode: str, cluster_config: Any = None, colocated_replicas: i
 def run_suite(config: BenchConfig, workload: Workload, targets: Sequence[Target], out_dir: Path, *,
               show_progress: bool = True, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run `workload` against each target in turn; write outputs; return the results documents."""
+    from cluster.bench.plots import write_plots  # matplotlib: imported only when a run writes plots
+
     documents: list[dict[str, Any]] = []
     for target in targets:
         run_dir = out_dir if len(targets) == 1 else out_dir / target.label
