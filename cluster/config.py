@@ -135,6 +135,8 @@ class ClusterConfig:
     lease_s: float = 30.0  # pinned prefill KV is released after this even if no release arrives
     request_timeout_s: float = 600.0  # a stream is ended (DEADLINE_EXCEEDED) after this
     app_name: str = "pdserve"
+    coalesce_every_streams: int = 8  # decode messages carry one more token per this many open streams
+    coalesce_max_wait_ms: float = 50.0  # ...but a message never waits longer than this for them
     kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
     router: RouterSection = field(default_factory=RouterSection)
     prefill: PoolConfig = field(default_factory=PoolConfig)
@@ -164,6 +166,14 @@ class ClusterConfig:
         _require(self.lease_s > 0, f"lease_s: must be > 0, got {self.lease_s}")
         _require(self.request_timeout_s > 0, f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
         _require(bool(self.app_name), "app_name: must not be empty")
+        _require(
+            self.coalesce_every_streams >= 1,
+            f"coalesce_every_streams: must be >= 1, got {self.coalesce_every_streams}",
+        )
+        _require(
+            self.coalesce_max_wait_ms >= 0,
+            f"coalesce_max_wait_ms: must be >= 0, got {self.coalesce_max_wait_ms}",
+        )
 
     @property
     def is_colocated(self) -> bool:

@@ -109,6 +109,11 @@ class PrefillDeployment:
     def record_routing_stats(self) -> dict[str, Any]:
         return self._stats()
 
+    def check_health(self) -> None:
+        """Serve's health check: the engine thread must be alive."""
+        if not self.worker.engine_loop.is_alive:
+            raise RuntimeError("engine thread died")
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self._stats()
         return {
@@ -143,6 +148,8 @@ class DecodeDeployment:
             config.kv_transfer.timeout_s,
             config.dtype,
             config.block_size,
+            config.coalesce_every_streams,
+            config.coalesce_max_wait_ms / 1e3,
         )
 
     async def generate(
@@ -162,6 +169,11 @@ class DecodeDeployment:
 
     def record_routing_stats(self) -> dict[str, Any]:
         return self._stats()
+
+    def check_health(self) -> None:
+        """Serve's health check: the engine thread must be alive."""
+        if not self.worker.engine_loop.is_alive:
+            raise RuntimeError("engine thread died")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self._stats()

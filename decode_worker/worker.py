@@ -58,8 +58,12 @@ class DecodeWorker:
         transfer_timeout_s: float,
         dtype: str,
         block_size: int,
+        coalesce_every_streams: int = 8,
+        coalesce_max_wait_s: float = 0.05,
     ) -> None:
         self.engine = engine
+        self.coalesce_every_streams = coalesce_every_streams
+        self.coalesce_max_wait_s = coalesce_max_wait_s
         self.transport = transport  # None in colocated mode: nothing is ever pulled
         if transport is not None:
             transport.register(engine.kv_cache, layout_of(engine, dtype, block_size))
@@ -82,7 +86,7 @@ class DecodeWorker:
         try:
             yield await self._admit(work, stream)
             while not is_finished:
-                chunk = self._coalesce([await stream.queue.get()], stream)
+                chunk = self._coalesce(await self._next_items(stream), stream)
                 is_finished = chunk.finished
                 if chunk.token_ids or is_finished:
                     yield chunk
@@ -177,6 +181,29 @@ class DecodeWorker:
 
     # ---- streaming ------------------------------------------------------------------------------
 
+    async def _next_items(self, stream: _Stream) -> list[Any]:
+        """Wait for the next outputs; under load, keep collecting until the message is worth sending.
+
+        With N streams open on this replica a message waits for ``ceil(N / coalesce_every_streams)``
+        tokens (or ``coalesce_max_wait_s``, or the finish): one token per message up to that many
+        streams, fewer messages per token above it, so per-message costs (Ray stream item, gRPC
+        message) shrink exactly when the replica is busiest.
+        """
+        items = [await stream.queue.get()]
+        target = -(-len(self._streams) // self.coalesce_every_streams)
+        if target <= 1:
+            return items
+        deadline = asyncio.get_running_loop().time() + self.coalesce_max_wait_s
+        num_tokens = _num_tokens(items)
+        while num_tokens < target and not _is_final(items[-1]):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    items.append(await stream.queue.get())
+            except TimeoutError:
+                break
+            num_tokens = _num_tokens(items)
+        return items
+
     def _coalesce(self, items: list[Any], stream: _Stream) -> DecodeChunk:
         """Merge the first queued item with everything else queued right now into one chunk."""
         while not stream.queue.empty():
@@ -215,6 +242,14 @@ class DecodeWorker:
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
             stream.queue.put_nowait(error)
+
+
+def _num_tokens(items: list[Any]) -> int:
+    return sum(len(item.new_token_ids) for item in items if not isinstance(item, BaseException))
+
+
+def _is_final(item: Any) -> bool:
+    return isinstance(item, BaseException) or bool(item.finished)
 
 
 def _drop(engine: Any, request_id: str) -> None:

@@ -64,6 +64,10 @@ class EngineLoop:
         self._stopping.set()
         self._thread.join(timeout)
 
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def call(self, fn: Callable[[Any], T]) -> concurrent.futures.Future[T]:
         """Run ``fn(engine)`` on the engine thread before its next step."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()

@@ -103,3 +103,19 @@ def test_no_blocks_held_after_finish_and_cancel(pd_cluster) -> None:
     # And the cluster serves the next request normally.
     after = asyncio.run(run_many(cluster.grpc_address, [requests[0]]))[0]
     assert after.code == grpc.StatusCode.OK and after.token_ids == results[0].token_ids
+
+
+def test_colocated_mode_matches_transformers(pd_cluster) -> None:
+    """mode: colocated (the bench's baseline): each decode replica prefills its own requests, no transfer."""
+    cluster = pd_cluster.ensure(cluster_config(1, 1, mode="colocated"))
+    requests, prompts, max_tokens = _requests()
+    results = asyncio.run(run_many(cluster.grpc_address, requests[:8]))
+    for prompt, num_new, result in zip(prompts, max_tokens, results[:8], strict=False):
+        assert result.code == grpc.StatusCode.OK, result.details
+        assert result.token_ids == list(reference_greedy(prompt, num_new))
+        assert result.last is not None and result.last.usage.completion_tokens == num_new
+        assert result.last.route.kv_transport == "" and result.last.route.decode_replica
+    again = asyncio.run(run_many(cluster.grpc_address, [requests[4]]))[0]
+    assert again.last is not None and again.last.usage.cached_tokens > 0
+    _, held = wait_until_no_blocks_held(cluster.grpc_address, within_s=1.0)
+    assert all(count == 0 for count in held.values()), held

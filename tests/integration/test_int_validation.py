@@ -114,7 +114,8 @@ def _expect_ok(stub: pdserve_pb2_grpc.PDServeStub) -> None:
 
 @pytest.fixture(scope="module")
 def address(pd_cluster) -> str:
-    return pd_cluster.ensure(cluster_config(2, 2)).grpc_address
+    """Whatever cluster the session already runs (validation is the ingress's job in every shape)."""
+    return (pd_cluster.cluster or pd_cluster.ensure(cluster_config(1, 1))).grpc_address
 
 
 @pytest.mark.parametrize(
