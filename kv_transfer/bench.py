@@ -128,7 +128,10 @@ def measure(
 def _measure_case(transport, local_pool, endpoint, conn, case: Case, backend: str) -> Row:
     """Interleave one ceiling copy and one pull per repeat, so both see the same machine load."""
     num_bytes = len(case.remote_ids) * case.layout.block_bytes
-    handle = KVHandle("bench", endpoint, case.remote_ids, len(case.remote_ids) * case.layout.block_size, 0.0)
+    lease = time.time() + 3600.0
+    handle = KVHandle(
+        "bench", endpoint, case.remote_ids, len(case.remote_ids) * case.layout.block_size, lease
+    )
     local_pool.view(-1).view(torch.uint8).zero_()
     src = torch.ones(num_bytes, dtype=torch.uint8)  # the ceiling's buffers, prefaulted
     dst = torch.zeros(num_bytes, dtype=torch.uint8)

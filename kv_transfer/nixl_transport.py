@@ -73,14 +73,18 @@ class _Peer:
 class NixlTransfer(TransferState):
     """A posted NIXL READ; progress comes from polling ``check_xfer_state``."""
 
-    def __init__(self, transport: NixlTransport, timeout_s: float, description: str) -> None:
-        super().__init__(timeout_s, description)
+    def __init__(
+        self, transport: NixlTransport, timeout_s: float, description: str, lease_expires_at: float
+    ) -> None:
+        super().__init__(timeout_s, description, lease_expires_at)
         self._transport = transport
         self._handle: Any = None
 
     def post(self, handle: Any) -> None:
         self._handle = handle
-        self.begin()
+        if not self.begin():
+            self._on_finish(TransferStatus.FAILED)  # release the unposted request
+            return
         state = self._transport._agent_call(lambda agent: agent.transfer(handle))
         self._apply(state)
 
@@ -194,7 +198,12 @@ class NixlTransport(KVTransport):
         runs = plan_read(
             endpoint.layout, handle.block_ids, info.nbytes // block_bytes, self._local, local_block_ids
         )
-        transfer = NixlTransfer(self, self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}")
+        transfer = NixlTransfer(
+            self,
+            self.config.timeout_s,
+            f"{handle.request_id} <- {endpoint.worker_id}",
+            handle.lease_expires_at,
+        )
         transfer.num_bytes = len(handle.block_ids) * block_bytes
         self._inflight.add(transfer)
         try:

@@ -143,7 +143,9 @@ class ShmTransport(KVTransport):
         runs = plan_read(
             endpoint.layout, handle.block_ids, metadata["nbytes"] // block_bytes, self._local, local_block_ids
         )
-        transfer = TransferState(self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}")
+        transfer = TransferState(
+            self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}", handle.lease_expires_at
+        )
         transfer.num_bytes = len(handle.block_ids) * block_bytes
         self._inflight.add(transfer)
         self._worker.submit(lambda: self._run_copy(transfer, endpoint, metadata, runs))

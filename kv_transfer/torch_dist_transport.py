@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 import weakref
@@ -98,6 +99,8 @@ class TorchDistTransport(KVTransport):
         self._local: LocalPool | None = None
         self._server: TorchDistServer | None = None
         self._links: dict[str, _PeerLink] = {}
+        self._retired: list[_PeerLink] = []  # links of replaced incarnations, joined at close()
+        self._links_lock = threading.Lock()
         self._inflight: weakref.WeakSet[TransferState] = weakref.WeakSet()
         self._closed = False
 
@@ -131,7 +134,9 @@ class TorchDistTransport(KVTransport):
         runs = plan_read(
             endpoint.layout, handle.block_ids, metadata["nbytes"] // block_bytes, self._local, local_block_ids
         )
-        transfer = TransferState(self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}")
+        transfer = TransferState(
+            self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}", handle.lease_expires_at
+        )
         transfer.num_bytes = len(handle.block_ids) * block_bytes
         self._inflight.add(transfer)
         link = self._link(endpoint, (metadata["host"], metadata["port"]))
@@ -140,15 +145,17 @@ class TorchDistTransport(KVTransport):
 
     def _link(self, endpoint: TransferEndpoint, address: tuple[str, int]) -> _PeerLink:
         """The link to this incarnation; a new incarnation closes the stale link (in the background)."""
-        link = self._links.get(endpoint.worker_id)
-        if link is not None and link.incarnation == endpoint.incarnation:
+        with self._links_lock:
+            link = self._links.get(endpoint.worker_id)
+            if link is not None and link.incarnation == endpoint.incarnation:
+                return link
+            if link is not None:
+                link.worker.submit(link.reset)
+                link.worker.stop(timeout=0)  # ends after its queued jobs; joined at close()
+                self._retired.append(link)
+            link = _PeerLink(self, endpoint, address)
+            self._links[endpoint.worker_id] = link
             return link
-        if link is not None:
-            link.worker.submit(link.reset)
-            link.worker.stop(timeout=0)  # ends after its queued jobs; nothing waits for it here
-        link = _PeerLink(self, endpoint, address)
-        self._links[endpoint.worker_id] = link
-        return link
 
     def _run_read(
         self, link: _PeerLink, transfer: TransferState, runs: list[BlockRun], block_bytes: int
@@ -186,7 +193,8 @@ class TorchDistTransport(KVTransport):
 
     def peer_incarnations(self) -> dict[str, str]:
         """worker id -> incarnation of every peer link (a query, for tests and debugging)."""
-        return {worker_id: link.incarnation for worker_id, link in self._links.items()}
+        with self._links_lock:
+            return {worker_id: link.incarnation for worker_id, link in self._links.items()}
 
     def close(self) -> None:
         """Fail in-flight reads, close links (joining their threads), stop serving. Idempotent."""
@@ -195,9 +203,12 @@ class TorchDistTransport(KVTransport):
         self._closed = True
         for transfer in list(self._inflight):
             transfer.fail("transport closed")
-        for link in self._links.values():
+        with self._links_lock:
+            links = [*self._links.values(), *self._retired]
+            self._links.clear()
+            self._retired.clear()
+        for link in links:
             link.close()
-        self._links.clear()
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -11,6 +11,7 @@ decode side may free or reuse the blocks of a FAILED transfer at once.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -30,9 +31,10 @@ class TransferAborted(TransferError):
 class TransferState(Transfer):
     """A ``Transfer`` whose work is done elsewhere (a worker thread, or a backend polled via ``_poll``)."""
 
-    def __init__(self, timeout_s: float, description: str = "") -> None:
+    def __init__(self, timeout_s: float, description: str = "", lease_expires_at: float = math.inf) -> None:
         self.timeout_s = timeout_s
         self.description = description
+        self.lease_expires_at = lease_expires_at  # wall clock: past it the peer may reuse the blocks
         self.started_at = time.monotonic()
         self.deadline = self.started_at + timeout_s
         self.finished_at: float | None = None
@@ -90,7 +92,9 @@ class TransferState(Transfer):
 
     # -- transitions (backends) --------------------------------------------------------------------
     def begin(self) -> bool:
-        """PENDING -> TRANSFERRING; False when the transfer already ended."""
+        """PENDING -> TRANSFERRING; False when the transfer already ended (or the lease already expired)."""
+        if time.time() >= self.lease_expires_at:
+            self.fail(self._lease_error())
         with self._lock:
             if self._status is TransferStatus.PENDING:
                 self._status = TransferStatus.TRANSFERRING
@@ -100,6 +104,9 @@ class TransferState(Transfer):
         """End DONE (unless already terminal, or past the deadline: then FAILED); True when DONE now."""
         if time.monotonic() > self.deadline:
             self.fail(self._timeout_error())
+            return False
+        if time.time() >= self.lease_expires_at:  # the peer may have reused the blocks mid-copy
+            self.fail(self._lease_error())
             return False
         return self._finish(TransferStatus.DONE, None)
 
@@ -135,6 +142,9 @@ class TransferState(Transfer):
         self._poll()
         if not self.is_terminal and time.monotonic() >= self.deadline:
             self.fail(self._timeout_error())
+
+    def _lease_error(self) -> str:
+        return "the handle's lease expired before the transfer completed (the peer may reuse the blocks)"
 
     def _timeout_error(self) -> str:
         return f"timed out after {self.timeout_s:g}s (TransportConfig.timeout_s)"

@@ -136,6 +136,13 @@ class Scenarios:
         with pytest.raises(ValueError, match="local block ids"):
             decoder.transport.read_blocks(make_handle(peer, [1, 2]), [0])
 
+    def test_expired_lease_fails_without_reading(self, peer: PeerProcess, decoder: Decoder) -> None:
+        before = block_digests(decoder.pool, [70])
+        handle = dataclasses.replace(make_handle(peer, [3]), lease_expires_at=time.time() - 1.0)
+        transfer = decoder.transport.read_blocks(handle, [70])
+        assert transfer.wait() is TransferStatus.FAILED and "lease" in (transfer.error or "")
+        assert block_digests(decoder.pool, [70]) == before
+
     # -- faults ---------------------------------------------------------------------------------------
     def test_timeout_ends_failed(self, peer: PeerProcess) -> None:
         decoder = new_decoder(dataclasses.replace(self.config, timeout_s=1e-4), "decode-timeout")
