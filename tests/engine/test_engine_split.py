@@ -77,3 +77,16 @@ def test_failed_pull_frees_allocated_blocks() -> None:
     engine.free_allocated("pull")
     engine.free_allocated("pull")
     assert_pool_empty(engine)
+
+
+def test_prefilled_request_checks_blocks_and_may_end_at_once() -> None:
+    engine = make_engine(build_model("llama"))
+    prompt = make_prompts([40], seed=2)[0]
+    blocks = engine.allocate_blocks("r", len(prompt))
+    with pytest.raises(ValueError, match="block_ids"):
+        engine.add_prefilled_request("r", prompt, 5, blocks[:-1], greedy(4))
+    engine.add_prefilled_request("r", prompt, 5, blocks, greedy(1))  # max_tokens=1: the first token ends it
+    outputs = run_to_completion(engine)["r"]
+    assert len(outputs) == 1 and outputs[0].finished and outputs[0].finish_reason == "length"
+    assert outputs[0].new_token_ids == []  # the prefill side already reported token 5
+    assert_pool_empty(engine)
