@@ -9,6 +9,7 @@ tokens per message under load).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -29,6 +30,7 @@ class IngressDeployment:
         self.servicer = PDServeServicer(self.path)
         self.server, self.port = make_server(self.servicer, config.grpc.host, config.grpc.port)
         await self.server.start()
+        self._warm_up = asyncio.get_running_loop().create_task(self.path.warm_up())
         self.address = f"{config.grpc.host}:{self.port}"
         logger.info("pdserve gRPC API on %s", self.address)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.model_info import ModelInfo
-from cluster.replica_directory import REPLICA_DIRECTORY
+from cluster.replica_directory import REPLICA_DIRECTORY, ReplicaView
 from cluster.route_policy import RoutePolicy
 from cluster.validation import ValidRequest
 from engine.detokenizer import StopStringChecker
@@ -120,8 +120,8 @@ class RequestPath:
     async def _disaggregated(
         self, work: WorkerRequest, trace: _Trace
     ) -> AsyncIterator[tuple[list[int], str | None]]:
-        prefill_views = REPLICA_DIRECTORY.replicas(PREFILL_DEPLOYMENT)
-        decode_views = REPLICA_DIRECTORY.replicas(DECODE_DEPLOYMENT)
+        prefill_views = await self._replicas(PREFILL_DEPLOYMENT, self.prefill)
+        decode_views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
         choice = self.policy.choose_prefill(work.prompt_token_ids, work.tenant, prefill_views, decode_views)
         result: PrefillResult | None = None
         is_released = False
@@ -161,7 +161,7 @@ class RequestPath:
     async def _colocated(
         self, work: WorkerRequest, trace: _Trace
     ) -> AsyncIterator[tuple[list[int], str | None]]:
-        decode_views = REPLICA_DIRECTORY.replicas(DECODE_DEPLOYMENT)
+        decode_views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
         expected_blocks = -(-len(work.prompt_token_ids) // self.config.block_size)
         choice = self.policy.choose_decode(expected_blocks, decode_views)
         trace.route.reason = f"colocated={choice.reason}"
@@ -183,6 +183,23 @@ class RequestPath:
             stream.cancel()
 
     # ---- helpers ----------------------------------------------------------------------------------
+
+    async def warm_up(self) -> None:
+        """Make the handles' routers learn their replicas now, so the first request is routed by policy."""
+        try:
+            await self._replicas(DECODE_DEPLOYMENT, self.decode)
+            if self.prefill is not None:
+                await self._replicas(PREFILL_DEPLOYMENT, self.prefill)
+        except Exception as error:  # replicas still starting: the first requests will warm up instead
+            logger.info("router warm-up deferred: %s", error)
+
+    async def _replicas(self, deployment: str, handle: Any) -> list[ReplicaView]:
+        """The pool's replicas and their load reports; the first call through a handle creates its router."""
+        views = REPLICA_DIRECTORY.replicas(deployment)
+        if not views:
+            await handle.replica_stats.remote()
+            views = REPLICA_DIRECTORY.replicas(deployment)
+        return views
 
     def _on_transfer(self, chunk: DecodeChunk, trace: _Trace) -> None:
         trace.kv_transfer_ms = chunk.kv_transfer_ms

@@ -8,6 +8,7 @@ finished and cancelled streams must leave zero request-held blocks in both pools
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -103,6 +104,46 @@ def test_no_blocks_held_after_finish_and_cancel(pd_cluster) -> None:
     # And the cluster serves the next request normally.
     after = asyncio.run(run_many(cluster.grpc_address, [requests[0]]))[0]
     assert after.code == grpc.StatusCode.OK and after.token_ids == results[0].token_ids
+
+
+def test_shared_prefix_lands_on_one_prefill_replica(pd_cluster) -> None:
+    """Router in the running cluster: prompts sharing their first 4 blocks (the prefix key's depth) go
+    to the same prefill replica, and the later ones are served from its prefix cache."""
+    cluster = pd_cluster.ensure(cluster_config(2, 2))
+    shared = [256] + [(7 * i) % 200 + 32 for i in range(79)]  # 80 tokens: 5 full blocks
+    requests = [
+        pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[*shared, 40 + i, 41 + i]), max_tokens=4, ignore_eos=True
+        )
+        for i in range(6)
+    ]
+    first = asyncio.run(run_many(cluster.grpc_address, requests[:1]))[0]
+    rest = asyncio.run(run_many(cluster.grpc_address, requests[1:]))
+    assert first.last is not None
+    owner = first.last.route.prefill_replica
+    for result in rest:
+        assert result.code == grpc.StatusCode.OK and result.last is not None
+        assert result.last.route.prefill_replica == owner, result.last.route
+        assert "prefill=ring_owner" in result.last.route.reason, result.last.route
+        assert result.last.usage.cached_tokens >= 64
+
+
+def test_timed_out_pull_is_recomputed_with_the_same_tokens(pd_cluster) -> None:
+    """Fault: every KV pull times out (1 us). The decode replica recomputes the prompt: same tokens as
+    transformers, route says "recompute", and no block stays held on either pool."""
+    config = cluster_config(1, 1)
+    cluster = pd_cluster.ensure(
+        config.replace(kv_transfer=dataclasses.replace(config.kv_transfer, timeout_s=1e-6))
+    )
+    requests, prompts, max_tokens = _requests()
+    results = asyncio.run(run_many(cluster.grpc_address, requests[:8]))
+    for prompt, num_new, result in zip(prompts, max_tokens, results, strict=False):
+        assert result.code == grpc.StatusCode.OK, result.details
+        assert result.token_ids == list(reference_greedy(prompt, num_new))
+        assert result.last is not None and result.last.route.kv_transport == "recompute"
+        assert result.last.usage.completion_tokens == num_new
+    _, held = wait_until_no_blocks_held(cluster.grpc_address, within_s=1.0)
+    assert all(count == 0 for count in held.values()), held
 
 
 def test_colocated_mode_matches_transformers(pd_cluster) -> None:
