@@ -173,6 +173,11 @@ class KVTransport(ABC):
         Raises ``LayoutMismatchError`` before any byte moves when layouts differ.
         """
 
+    def peer_incarnations(self) -> dict[str, str]:
+        """Query (no state change): worker id -> incarnation of every peer this transport currently holds a
+        mapping / agent / connection for. A restarted peer shows its new incarnation after the first read."""
+        return {}
+
     @abstractmethod
     def close(self) -> None:
         """Release every registration and connection. Idempotent."""
