@@ -77,10 +77,7 @@ class TransferState(Transfer):
                 return self._status
             now = time.monotonic()
             if now >= wait_until:
-                if now >= self.deadline:
-                    self.fail(self._timeout_error())
-                else:
-                    self.fail(f"wait() timed out after {timeout:g}s")
+                self._give_up(now, timeout)
                 return self._status
             if poll_s is None:
                 self._done.wait(wait_until - now)
@@ -89,6 +86,29 @@ class TransferState(Transfer):
             else:  # backends without completion callbacks: back off from 10 us to poll_s
                 self._done.wait(min(delay, wait_until - now))
                 delay = min(delay * 2, poll_s)
+
+    async def wait_async(self, timeout: float | None = None) -> TransferStatus:
+        """``wait`` for asyncio code: polls between ``asyncio.sleep``s, never blocking the event loop."""
+        import asyncio
+
+        wait_until = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
+        delay = 1e-4
+        while True:
+            self._refresh()
+            if self.is_terminal:
+                return self._status
+            now = time.monotonic()
+            if now >= wait_until:
+                self._give_up(now, timeout)
+                return self._status
+            await asyncio.sleep(min(delay, wait_until - now))
+            delay = min(delay * 2, 2e-3)
+
+    def _give_up(self, now: float, timeout: float | None) -> None:
+        if now >= self.deadline:
+            self.fail(self._timeout_error())
+        else:
+            self.fail(f"wait() timed out after {timeout:g}s")
 
     # -- transitions (backends) --------------------------------------------------------------------
     def begin(self) -> bool:

@@ -129,3 +129,15 @@ def test_wait_timeout_fails_the_transfer() -> None:
     transfer = TransferState(timeout_s=5.0)
     assert transfer.wait(timeout=0.01) is TransferStatus.FAILED
     assert "wait() timed out" in (transfer.error or "")
+
+
+def test_wait_async_returns_on_completion_and_on_deadline() -> None:
+    import asyncio
+
+    done = TransferState(timeout_s=5.0)
+    threading.Timer(0.05, done.succeed).start()
+    assert asyncio.run(done.wait_async()) is TransferStatus.DONE
+    stuck = TransferState(timeout_s=0.05)
+    started = time.monotonic()
+    assert asyncio.run(stuck.wait_async()) is TransferStatus.FAILED
+    assert "timed out" in (stuck.error or "") and time.monotonic() - started < 2.0
