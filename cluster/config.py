@@ -136,7 +136,7 @@ class ClusterConfig:
     request_timeout_s: float = 600.0  # a stream is ended (DEADLINE_EXCEEDED) after this
     app_name: str = "pdserve"
     coalesce_every_streams: int = 8  # decode messages carry one more token per this many open streams
-    coalesce_max_wait_ms: float = 50.0  # ...but a message never waits longer than this for them
+    coalesce_max_wait_ms: float = 100.0  # ...but a message never waits longer than this for them
     kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
     router: RouterSection = field(default_factory=RouterSection)
     prefill: PoolConfig = field(default_factory=PoolConfig)

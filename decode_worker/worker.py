@@ -59,7 +59,7 @@ class DecodeWorker:
         dtype: str,
         block_size: int,
         coalesce_every_streams: int = 8,
-        coalesce_max_wait_s: float = 0.05,
+        coalesce_max_wait_s: float = 0.1,
     ) -> None:
         self.engine = engine
         self.coalesce_every_streams = coalesce_every_streams
