@@ -13,6 +13,7 @@ This module must stay free of torch (and numpy): the router imports it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -33,11 +34,18 @@ def root_hash(salt: str = "") -> BlockHash:
     return BlockHash(digest.digest())
 
 
+@functools.lru_cache(maxsize=64)
+def _block_struct(num_tokens: int) -> struct.Struct:
+    # "<I" length prefix + num_tokens little-endian uint32; compiled once per block size (the hot
+    # path of every routing decision hashes a handful of equal-sized blocks).
+    return struct.Struct(f"<I{num_tokens}I")
+
+
 def hash_block(parent: BlockHash, token_ids: Sequence[int], extra_keys: bytes = b"") -> BlockHash:
     """``H(parent, tokens, extra_keys)`` for one full block."""
     num_tokens = len(token_ids)
     digest = hashlib.blake2b(parent, digest_size=DIGEST_SIZE)
-    digest.update(struct.pack(f"<I{num_tokens}I", num_tokens, *token_ids))
+    digest.update(_block_struct(num_tokens).pack(num_tokens, *token_ids))
     if extra_keys:
         digest.update(extra_keys)
     return BlockHash(digest.digest())
