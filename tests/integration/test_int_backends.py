@@ -1,4 +1,4 @@
-"""The whole cluster with each KV transport selected (shm is covered by test_int_generate.py): 8
+"""The whole cluster with each KV transport selected (shm is covered by test_int_generate.py): 16
 concurrent streams token-exact against transformers, the KV moved by the named backend (not recomputed),
 and no block held on either pool afterwards."""
 
@@ -27,7 +27,7 @@ def test_streams_match_transformers_over_backend(pd_cluster, backend: str) -> No
     config = cluster_config(1, 1)
     config = config.replace(kv_transfer=dataclasses.replace(config.kv_transfer, backend=backend))
     cluster = pd_cluster.ensure(config)
-    prompts = make_prompts(8, seed=3)
+    prompts = make_prompts(16, seed=3)
     requests = [
         pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), max_tokens=12, ignore_eos=True) for p in prompts
     ]
