@@ -85,10 +85,17 @@ class KVTransferSection:
 
     backend: str = "shm"  # "shm" | "nixl" | "torch_dist"
     timeout_s: float = 10.0  # a pull slower than this fails; decode then recomputes the prompt
+    # TEST HOOK, 0 in production: the decode worker waits this long after reserving its blocks and
+    # before starting the pull, so a fault test can kill the prefill replica while a transfer is
+    # under way (tests/integration/test_int_faults.py). Not counted in timeout_s.
+    test_pull_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.backend in KV_BACKENDS, f"backend: must be one of {KV_BACKENDS}, got {self.backend!r}")
         _require(self.timeout_s > 0, f"timeout_s: must be > 0, got {self.timeout_s}")
+        _require(
+            self.test_pull_delay_s >= 0, f"test_pull_delay_s: must be >= 0, got {self.test_pull_delay_s}"
+        )
 
 
 @dataclass(frozen=True)

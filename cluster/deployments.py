@@ -150,6 +150,7 @@ class DecodeDeployment:
             config.block_size,
             config.coalesce_every_streams,
             config.coalesce_max_wait_ms / 1e3,
+            pull_delay_s=config.kv_transfer.test_pull_delay_s,
         )
 
     async def generate(

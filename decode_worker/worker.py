@@ -60,8 +60,10 @@ class DecodeWorker:
         block_size: int,
         coalesce_every_streams: int = 8,
         coalesce_max_wait_s: float = 0.1,
+        pull_delay_s: float = 0.0,
     ) -> None:
         self.engine = engine
+        self.pull_delay_s = pull_delay_s  # test hook (kv_transfer.test_pull_delay_s): 0 in production
         self.coalesce_every_streams = coalesce_every_streams
         self.coalesce_max_wait_s = coalesce_max_wait_s
         self.transport = transport  # None in colocated mode: nothing is ever pulled
@@ -133,6 +135,8 @@ class DecodeWorker:
         local_ids = await self._call(allocate)
         # The prompt's KV fills exactly len(local_ids) blocks; a pinned tail block (if any) is not pulled.
         handle = dataclasses.replace(handle, block_ids=tuple(handle.block_ids[: len(local_ids)]))
+        if self.pull_delay_s > 0:  # test hook: a window in which a fault test kills the prefill peer
+            await asyncio.sleep(self.pull_delay_s)
         error = await asyncio.to_thread(self._pull, handle, local_ids)
         transfer_ms = (time.perf_counter() - started) * 1e3
         if error is None:
