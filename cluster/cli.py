@@ -82,6 +82,8 @@ def serve(
     cluster = EmbeddedCluster(config, address=address)
     try:
         cluster.start()
+        # ray.init installs its own SIGTERM handler (it dumps a stack and aborts mid-shutdown): take it back
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         click.echo(
             f"pdserve: serving {config.model} ({config.mode}) gRPC on {cluster.grpc_address}", err=True
         )
