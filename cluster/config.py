@@ -104,11 +104,42 @@ class RouterSection:
 
     policy: str = "prefix_hash"  # "prefix_hash" | "round_robin" | "least_loaded" | "consistent_hash"
     load_report_period_s: float = 0.2  # how often replicas publish load for routing
+    # prefix_hash's load-watermark fallback (router.config.RouterConfig): a prefill replica is skipped
+    # while its queued prefill tokens exceed max(high_watermark_tokens, high_load_factor x pool mean),
+    # until they fall below max(low_watermark_tokens, low_load_factor x pool mean)
+    high_watermark_tokens: int = 8192
+    low_watermark_tokens: int = 4096
+    high_load_factor: float = 1.5  # 0: the absolute floor alone
+    low_load_factor: float = 1.2
 
     def __post_init__(self) -> None:
         _require(
             self.policy in ROUTER_POLICIES, f"policy: must be one of {ROUTER_POLICIES}, got {self.policy!r}"
         )
+        _require(
+            self.low_watermark_tokens >= 0,
+            f"low_watermark_tokens: must be >= 0, got {self.low_watermark_tokens}",
+        )
+        _require(
+            self.high_watermark_tokens > self.low_watermark_tokens,
+            f"high_watermark_tokens: must be above low_watermark_tokens ({self.low_watermark_tokens}), "
+            f"got {self.high_watermark_tokens}",
+        )
+        _require(
+            self.high_load_factor == 0 or self.high_load_factor >= 1,
+            f"high_load_factor: must be 0 (off) or >= 1, got {self.high_load_factor}",
+        )
+        if self.high_load_factor == 0:
+            _require(
+                self.low_load_factor == 0,
+                f"low_load_factor: must be 0 when high_load_factor is 0, got {self.low_load_factor}",
+            )
+        else:
+            _require(
+                0 <= self.low_load_factor < self.high_load_factor,
+                f"low_load_factor: must be >= 0 and below high_load_factor ({self.high_load_factor}), "
+                f"got {self.low_load_factor}",
+            )
         _require(
             self.load_report_period_s > 0,
             f"load_report_period_s: must be > 0, got {self.load_report_period_s}",

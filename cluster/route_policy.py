@@ -34,7 +34,16 @@ class RoutePolicy:
     def __init__(self, config: RouterSection, block_size: int) -> None:
         self.config = config
         self.block_size = block_size
-        self._router = Router(RouterConfig(policy=config.policy, block_size=block_size))
+        self._router = Router(
+            RouterConfig(
+                policy=config.policy,
+                block_size=block_size,
+                high_watermark_tokens=config.high_watermark_tokens,
+                low_watermark_tokens=config.low_watermark_tokens,
+                high_load_factor=config.high_load_factor,
+                low_load_factor=config.low_load_factor,
+            )
+        )
         self._workers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
     def choose_prefill(
