@@ -63,12 +63,12 @@ def _config(mode: str) -> ClusterConfig:
 
 @pytest.mark.parametrize(
     ("mode", "stop_at"),
-    [("disaggregated", 0), ("disaggregated", 2), ("colocated", 0), ("recompute", 0)],
+    [("disaggregated", 0), ("disaggregated", 2), ("colocated", 0), ("recompute", 2)],
 )
 def test_stop_string_is_cut_token_exact(pd_cluster, mode: str, stop_at: int) -> None:
     """``stop_at`` 0: the stop string is the first token's text (disaggregated: prefill samples it and
-    ends the request; colocated: the decode replica's own prefill; recompute: prefill ends it before any
-    pull); 2: a later token's text (the decode replica ends it)."""
+    ends the request; colocated: the decode replica's own prefill); 2: a later token's text (the decode
+    replica ends it; recompute: after recomputing the prompt and skipping the token the client has)."""
     cluster = pd_cluster.ensure(_config(mode))
     prompt, reference, stop = _case(stop_at)
     expected_ids, expected_text = _expected(reference, stop)
