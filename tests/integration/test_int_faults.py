@@ -144,7 +144,7 @@ def _prefill_replicas_when_up(address: str, old_replica: str, within_s: float) -
         time.sleep(0.2)
 
 
-# nixl costs about a minute here (agent start-up on deploy and on the replacement replica): opt in with
+# nixl costs 30 to 65 s here (agent start-up on deploy and on the replacement replica): opt in with
 # PDSERVE_FAULT_NIXL=1 (docs/operations.md has the last result).
 @pytest.mark.parametrize(
     "backend",
@@ -153,7 +153,7 @@ def _prefill_replicas_when_up(address: str, old_replica: str, within_s: float) -
         pytest.param(
             "nixl",
             marks=pytest.mark.skipif(
-                not os.environ.get("PDSERVE_FAULT_NIXL"), reason="about 60 s; set PDSERVE_FAULT_NIXL=1"
+                not os.environ.get("PDSERVE_FAULT_NIXL"), reason="30 to 65 s; set PDSERVE_FAULT_NIXL=1"
             ),
         ),
     ],

@@ -61,11 +61,20 @@ def _config(mode: str) -> ClusterConfig:
     return config
 
 
+NEVER = "<never seen>"  # a second, longer stop string: the detokenizers then hold back 11 characters
+
+
 @pytest.mark.parametrize(
-    ("mode", "stop_at"),
-    [("disaggregated", 0), ("disaggregated", 2), ("colocated", 0), ("recompute", 2)],
+    ("mode", "stop_at", "with_longer_stop"),
+    [
+        ("disaggregated", 0, False),
+        ("disaggregated", 0, True),
+        ("disaggregated", 2, True),
+        ("colocated", 0, False),
+        ("recompute", 2, False),
+    ],
 )
-def test_stop_string_is_cut_token_exact(pd_cluster, mode: str, stop_at: int) -> None:
+def test_stop_string_is_cut_token_exact(pd_cluster, mode: str, stop_at: int, with_longer_stop: bool) -> None:
     """``stop_at`` 0: the stop string is the first token's text (disaggregated: prefill samples it and
     ends the request; colocated: the decode replica's own prefill); 2: a later token's text (the decode
     replica ends it; recompute: after recomputing the prompt and skipping the token the client has)."""
@@ -73,7 +82,10 @@ def test_stop_string_is_cut_token_exact(pd_cluster, mode: str, stop_at: int) -> 
     prompt, reference, stop = _case(stop_at)
     expected_ids, expected_text = _expected(reference, stop)
     request = pb.GenerateRequest(
-        token_ids=pb.TokenIds(ids=prompt), max_tokens=MAX_TOKENS, ignore_eos=True, stop=[stop]
+        token_ids=pb.TokenIds(ids=prompt),
+        max_tokens=MAX_TOKENS,
+        ignore_eos=True,
+        stop=[NEVER, stop] if with_longer_stop else [stop],
     )
     result = asyncio.run(run_many(cluster.grpc_address, [request]))[0]
     assert result.code == grpc.StatusCode.OK, result.details
