@@ -65,7 +65,41 @@ def _build_engine(config: ClusterConfig, transport: Any, torch_threads: int | No
     return LLMEngine(engine_config_of(config), kv_allocator=allocator)
 
 
-class PrefillDeployment:
+class _WorkerDeployment:
+    """What both pools' replicas share: load reports (ClusterInfo, routing, autoscaling), the health
+    check and clean-up. A subclass sets ``self.replica_id`` and ``self.worker`` and adds its own stats
+    in ``_extra_stats``."""
+
+    replica_id: str
+    worker: Any
+
+    async def replica_stats(self, target_replica_id: str | None = None) -> dict[str, Any]:
+        return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
+        stats = replica_stats(self.worker.stats())
+        stats["replica_id"] = self.replica_id
+        stats.update(self._extra_stats())
+        return stats
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self._stats()
+
+    def check_health(self) -> None:
+        """Serve's health check: the engine thread must be alive."""
+        if not self.worker.engine_loop.is_alive:
+            raise RuntimeError("engine thread died")
+
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
+
+
+class PrefillDeployment(_WorkerDeployment):
     """A prefill replica."""
 
     def __init__(self, config_dict: dict[str, Any]) -> None:
@@ -96,23 +130,8 @@ class PrefillDeployment:
     async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
         await self.worker.abort(request_id)
 
-    async def replica_stats(self, target_replica_id: str | None = None) -> dict[str, Any]:
-        return self._stats()
-
-    def _stats(self) -> dict[str, Any]:
-        stats = replica_stats(self.worker.stats())
-        stats["replica_id"] = self.replica_id
-        stats["pinned_requests"] = self.worker.num_pinned
-        stats["leases_expired"] = self.worker.num_leases_expired
-        return stats
-
-    def record_routing_stats(self) -> dict[str, Any]:
-        return self._stats()
-
-    def check_health(self) -> None:
-        """Serve's health check: the engine thread must be alive."""
-        if not self.worker.engine_loop.is_alive:
-            raise RuntimeError("engine thread died")
+    def _extra_stats(self) -> dict[str, Any]:
+        return {"pinned_requests": self.worker.num_pinned, "leases_expired": self.worker.num_leases_expired}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self._stats()
@@ -121,13 +140,8 @@ class PrefillDeployment:
             "running_requests": float(stats["running_requests"]),
         }
 
-    def __del__(self) -> None:
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.close()
 
-
-class DecodeDeployment:
+class DecodeDeployment(_WorkerDeployment):
     """A decode replica (in colocated mode: a replica that prefills and decodes its own requests)."""
 
     def __init__(self, config_dict: dict[str, Any]) -> None:
@@ -159,22 +173,8 @@ class DecodeDeployment:
         async for chunk in self.worker.generate(work):
             yield chunk
 
-    async def replica_stats(self, target_replica_id: str | None = None) -> dict[str, Any]:
-        return self._stats()
-
-    def _stats(self) -> dict[str, Any]:
-        stats = replica_stats(self.worker.stats())
-        stats["replica_id"] = self.replica_id
-        stats["recomputed_requests"] = self.worker.num_recomputed
-        return stats
-
-    def record_routing_stats(self) -> dict[str, Any]:
-        return self._stats()
-
-    def check_health(self) -> None:
-        """Serve's health check: the engine thread must be alive."""
-        if not self.worker.engine_loop.is_alive:
-            raise RuntimeError("engine thread died")
+    def _extra_stats(self) -> dict[str, Any]:
+        return {"recomputed_requests": self.worker.num_recomputed}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self._stats()
@@ -183,8 +183,3 @@ class DecodeDeployment:
             "kv_blocks_used_fraction": float(stats["kv_blocks_used"]) / total,
             "running_requests": float(stats["running_requests"]),
         }
-
-    def __del__(self) -> None:
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.close()
