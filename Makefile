@@ -35,7 +35,9 @@ integration: env
 
 # Regenerate the gRPC modules from protos/pdserve.proto (tests/test_protos.py fails when stale).
 protos: env
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. protos/pdserve.proto protos/pdserve_wire.proto
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. protos/pdserve.proto
+	# the private wire twin declares no service: no *_pb2_grpc module for it
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. protos/pdserve_wire.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
