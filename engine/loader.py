@@ -12,6 +12,7 @@ import torch
 
 from engine.attention import TorchAttention
 from engine.builtin import BUILTIN_MODEL_ID, build_builtin_hf_model
+from engine.cpu_linear import transpose_linear_weights
 from engine.model import CausalLM
 from engine.model_config import ModelConfig, UnsupportedModelError
 
@@ -75,6 +76,8 @@ def build_model(
     model.load_state_dict(converted, assign=True)
     if model_config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if device.type == "cpu":
+        transpose_linear_weights(model, skip=("lm_head",) if model_config.tie_word_embeddings else ())
     model.init_rotary()
     model.eval()
     return model
