@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -103,6 +105,112 @@ def measure(sides: tuple[Side, Side], args: argparse.Namespace) -> dict[str, tup
     return results
 
 
+# Where a decode step's time goes, by operator (self CPU time from torch.profiler).
+_CATEGORIES = {
+    "matmul (weights)": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),
+    "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_efficient_attention"),
+    "KV cache copies": (
+        "aten::cat",
+        "aten::index_put_",
+        "aten::_index_put_impl_",
+        "aten::index_select",
+        "aten::copy_",
+    ),
+}
+OTHER_OPS = "other torch ops"
+UNTRACKED = "Python and framework"
+
+
+def categorize(op_self_ms: dict[str, float], wall_ms: float) -> dict[str, float]:
+    """Operator self times (ms) -> the breakdown's rows; the time no operator accounts for is the rest."""
+    rows = {name: 0.0 for name in (*_CATEGORIES, OTHER_OPS, UNTRACKED)}
+    for op, ms in op_self_ms.items():
+        row = next((name for name, ops in _CATEGORIES.items() if op in ops), OTHER_OPS)
+        rows[row] += ms
+    rows[UNTRACKED] = wall_ms - sum(op_self_ms.values())
+    return rows
+
+
+class _ForwardMarks:
+    """Forward hooks on a side's model: each forward runs inside a ``record_function`` range, and
+    whether it was a prefill forward (more tokens than sequences) is noted, in call order."""
+
+    def __init__(self, model: torch.nn.Module, batch: int) -> None:
+        self.batch = batch
+        self.is_prefill: list[bool] = []
+        self._open: list[Any] = []
+        self._handles = [
+            model.register_forward_pre_hook(self._enter, with_kwargs=True),
+            model.register_forward_hook(self._exit, with_kwargs=True),
+        ]
+
+    def _enter(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.is_prefill.append(input_ids.numel() > self.batch)
+        marker = torch.profiler.record_function(f"bench::forward{len(self.is_prefill) - 1}")
+        marker.__enter__()
+        self._open.append(marker)
+
+    def _exit(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._open.pop().__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _model_of(side: Side) -> torch.nn.Module:
+    return side.engine.runner.model if isinstance(side, PdserveSide) else side.model
+
+
+def step_breakdown(side: Side, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """Per decode step ms by category, over the decode steps of one run (from the end of its last
+    prefill forward to its last operator), profiled with torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    marks = _ForwardMarks(_model_of(side), batch)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            side.generate(_prompts(batch, prompt_len, 3000), new_tokens)
+    finally:
+        marks.remove()
+    events = prof.events()
+    forwards = {event.name: event for event in events if event.name.startswith("bench::forward")}
+    last_prefill = max(i for i, prefill in enumerate(marks.is_prefill) if prefill)
+    cut = forwards[f"bench::forward{last_prefill}"].time_range.end
+    num_steps = len(marks.is_prefill) - 1 - last_prefill  # decode forwards after the cut
+    op_self_ms: dict[str, float] = defaultdict(float)
+    end = cut
+    for event in events:
+        if event.time_range.start >= cut and not event.name.startswith("bench::"):
+            op_self_ms[event.name] += event.self_cpu_time_total / 1e3
+            end = max(end, event.time_range.end)
+    rows = categorize(op_self_ms, wall_ms=(end - cut) / 1e3)
+    return {row: ms / num_steps for row, ms in rows.items()}
+
+
+def print_breakdown(sides: tuple[Side, Side], args: argparse.Namespace) -> None:
+    ours, theirs = (
+        step_breakdown(side, args.breakdown_batch, args.decode_prompt_len, args.decode_tokens)
+        for side in sides
+    )
+    print(
+        f"\nms per decode step at batch {args.breakdown_batch} (torch.profiler self CPU time, so the "
+        "profiler's own cost is in every row):"
+    )
+    print(f"| {'ms per step':<22} | {'pdserve':>8} | {'transformers':>12} |")
+    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 14}|")
+    for row in ours:
+        print(f"| {row:<22} | {ours[row]:>8.2f} | {theirs[row]:>12.2f} |")
+    total_ours, total_theirs = sum(ours.values()), sum(theirs.values())
+    print(f"| {'total':<22} | {total_ours:>8.2f} | {total_theirs:>12.2f} |")
+    print(
+        f"3x transformers would be a {total_theirs / 3:.2f} ms step; the weight matmuls alone, which "
+        f"both sides run, take {ours['matmul (weights)']:.2f} ms (pdserve) / "
+        f"{theirs['matmul (weights)']:.2f} ms (transformers)."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -114,6 +222,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(_CLOCKS),
         default="wall",
         help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, 1 thread)",
+    )
+    parser.add_argument(
+        "--breakdown-batch",
+        type=int,
+        default=32,
+        help="also profile one decode run per side at this batch and print where a step goes (0: off)",
     )
     args = parser.parse_args(argv)
     if args.threads:
@@ -134,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"|{'-' * 20}|{'-' * 12}|{'-' * 14}|{'-' * 8}|")
     for name, (ours, theirs) in results.items():
         print(f"| {name:<18} | {ours:>10.0f} | {theirs:>12.0f} | {ours / theirs:>5.2f}x |")
+    if args.breakdown_batch:
+        print_breakdown(sides, args)
 
 
 if __name__ == "__main__":
