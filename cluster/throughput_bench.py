@@ -16,6 +16,7 @@ import asyncio
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import click
@@ -44,6 +45,16 @@ def _prompts(num: int, length: int, seed: int) -> list[list[int]]:
     return [[256] + [rng.randrange(32, 127) for _ in range(length - 1)] for _ in range(num)]
 
 
+async def _timed(
+    one: Callable[[list[int]], Awaitable[tuple[int, int]]], prompts: list[list[int]]
+) -> RunResult:
+    """All prompts at once through ``one`` (-> tokens, messages); totals and the wall time."""
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(p) for p in prompts))
+    seconds = time.perf_counter() - start
+    return RunResult(sum(c[0] for c in counts), seconds, sum(c[1] for c in counts))
+
+
 async def _api_run(address: str, prompts: list[list[int]], max_tokens: int) -> RunResult:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pdserve_pb2_grpc.PDServeStub(channel)
@@ -58,10 +69,7 @@ async def _api_run(address: str, prompts: list[list[int]], max_tokens: int) -> R
                 num_messages += 1
             return num_tokens, num_messages
 
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
-        seconds = time.perf_counter() - start
-    return RunResult(sum(c[0] for c in counts), seconds, sum(c[1] for c in counts))
+        return await _timed(one, prompts)
 
 
 async def _direct_run(app_name: str, prompts: list[list[int]], max_tokens: int) -> RunResult:
@@ -84,10 +92,7 @@ async def _direct_run(app_name: str, prompts: list[list[int]], max_tokens: int) 
             num_messages += 1
         return num_tokens, num_messages
 
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(one(p) for p in prompts))
-    seconds = time.perf_counter() - start
-    return RunResult(sum(c[0] for c in counts), seconds, sum(c[1] for c in counts))
+    return await _timed(one, prompts)
 
 
 @click.command()
