@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from engine.attention import AttentionMetadata, build_decode_mask
 from engine.builtin import build_builtin_hf_model
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -211,6 +212,100 @@ def print_breakdown(sides: tuple[Side, Side], args: argparse.Namespace) -> None:
     )
 
 
+def _median_ms(run: Callable[[], Any], repeats: int = 21) -> float:
+    """Median of ``repeats`` calls (after two warm-up calls), in ms: the statistic of the main table."""
+    run(), run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+@torch.inference_mode()
+def kernel_floor(engine: LLMEngine, batch: int, context: int) -> dict[str, float]:
+    """The big kernels of one batch-``batch`` decode step, each kind run back to back with nothing
+    around it (median ms of 21 runs).
+
+    - ``weight matmuls``: every projection (and the lm_head) on a ``[batch, in]`` input, through the
+      model's own modules; ``weight matmuls, oneDNN packed``: the same products with oneDNN's packed
+      weights (what inductor's freezing uses on CPU), so the floor does not rest on our GEMM choice;
+    - ``attention``: the engine's decode attention over ``context``-token K/V, one tensor per layer
+      as in the mirror; ``KV read``: one plain read of that K/V, the least any attention kernel does.
+
+    No norms, RoPE, KV writes, sampling, scheduling or Python between them: a step built from these
+    kernels is slower than their sum.
+    """
+    model = engine.runner.model
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    projections = [m for m in model.modules() if hasattr(m, "weight") and m.weight.dim() == 2]
+    projections = [m for m in projections if not isinstance(m, torch.nn.Embedding)]
+    inputs = [torch.randn(batch, m.weight.shape[1], generator=generator) for m in projections]
+
+    def matmuls() -> None:
+        for module, x in zip(projections, inputs, strict=True):
+            module(x)
+
+    packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.contiguous(), batch) for m in projections]
+
+    def packed_matmuls() -> None:
+        for weight, x in zip(packed, inputs, strict=True):
+            torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+    backend = model.model.layers[0].self_attn.backend
+    kv_shape = (batch, config.num_kv_heads, context, config.head_dim)
+    caches = [
+        (torch.randn(kv_shape, generator=generator), torch.randn(kv_shape, generator=generator))
+        for _ in range(config.num_layers)
+    ]
+    query = torch.randn(batch, config.num_heads, config.head_dim, generator=generator)
+    meta = AttentionMetadata(
+        slot_block_ids=torch.empty(0),
+        slot_offsets=torch.empty(0),
+        num_decode_tokens=batch,
+        decode_mask=build_decode_mask(torch.full((batch,), context), context),
+        prefills=[],
+    )
+
+    def attention() -> None:
+        for keys, values in caches:
+            backend._attend_decode(query, keys, values, meta)
+
+    def read_kv() -> None:  # what any attention kernel must at least do: read every K and V once
+        for keys, values in caches:
+            keys.sum(), values.sum()
+
+    return {
+        "projections": float(len(projections)),
+        "weight matmuls": _median_ms(matmuls),
+        "weight matmuls, oneDNN packed": _median_ms(packed_matmuls),
+        "attention": _median_ms(attention),
+        "KV read": _median_ms(read_kv),
+    }
+
+
+def print_kernel_floor(engine: LLMEngine, theirs_tokens_per_s: float, args: argparse.Namespace) -> None:
+    batch, context = 32, args.decode_prompt_len + args.decode_tokens // 2
+    floor = kernel_floor(engine, batch, context)
+    matmul_ms, attention_ms, read_ms = floor["weight matmuls"], floor["attention"], floor["KV read"]
+    fastest_matmul_ms = min(matmul_ms, floor["weight matmuls, oneDNN packed"])
+    theirs_ms = batch / theirs_tokens_per_s * 1e3
+    print(
+        f"\nkernel floor at batch {batch}, {context}-token contexts (median of 21 runs, nothing else "
+        f"in the step): {int(floor['projections'])} weight matmuls {matmul_ms:.2f} ms (oneDNN packed: "
+        f"{floor['weight matmuls, oneDNN packed']:.2f} ms), decode attention {attention_ms:.2f} ms, "
+        f"reading that K/V once {read_ms:.2f} ms."
+    )
+    print(
+        f"transformers' decode step is {theirs_ms:.2f} ms, so 3x needs {theirs_ms / 3:.2f} ms. A step of "
+        f"only our matmuls and attention would be {theirs_ms / (matmul_ms + attention_ms):.2f}x; of only "
+        f"the fastest matmuls and an attention as fast as reading the K/V once, "
+        f"{theirs_ms / (fastest_matmul_ms + read_ms):.2f}x."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -248,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"|{'-' * 20}|{'-' * 12}|{'-' * 14}|{'-' * 8}|")
     for name, (ours, theirs) in results.items():
         print(f"| {name:<18} | {ours:>10.0f} | {theirs:>12.0f} | {ours / theirs:>5.2f}x |")
+    print_kernel_floor(engine, results["decode batch 32"][1], args)
     if args.breakdown_batch:
         print_breakdown(sides, args)
 

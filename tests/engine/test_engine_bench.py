@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from engine.bench import OTHER_OPS, UNTRACKED, PdserveSide, categorize, step_breakdown
 from engine.config import EngineConfig
@@ -31,4 +32,18 @@ def test_step_breakdown_of_the_engine_profiles_real_decode_steps() -> None:
     # Decode steps run the model: the profiler must have seen its matmuls and its attention.
     assert rows["matmul (weights)"] > 0
     assert rows["attention kernel"] > 0
+    assert_pool_empty(engine)
+
+
+def test_kernel_floor_times_every_projection_of_the_model() -> None:
+    from engine.bench import kernel_floor
+    from engine.builtin import build_builtin_hf_model
+
+    engine = LLMEngine(EngineConfig(kv_cache_bytes=16 * 2**20))
+    floor = kernel_floor(engine, batch=4, context=24)
+    # The reference count comes from transformers' own model of the same config: its nn.Linear modules.
+    hf_linears = [m for m in build_builtin_hf_model().modules() if isinstance(m, torch.nn.Linear)]
+    assert floor["projections"] == len(hf_linears)
+    for kind in ("weight matmuls", "weight matmuls, oneDNN packed", "attention", "KV read"):
+        assert floor[kind] > 0, kind
     assert_pool_empty(engine)
