@@ -132,7 +132,7 @@ class TorchAttention:
         mirror[0][rows, :, meta.decode_positions] = key
         mirror[1][rows, :, meta.decode_positions] = value
         keys, values = mirror[0, :batch, :, :context], mirror[1, :batch, :, :context]
-        return self._attend_decode(query, keys, values, meta)
+        return self.attend_decode(query, keys, values, meta)
 
     def _decode(
         self, layer_cache: torch.Tensor, query: torch.Tensor, meta: AttentionMetadata
@@ -144,9 +144,9 @@ class TorchAttention:
         # index_select over whole blocks ([block_size, kv_heads, head_dim] runs) is the fast gather.
         keys = layer_cache[:, 0].index_select(0, flat).view(batch, -1, self.num_kv_heads, self.head_dim)
         values = layer_cache[:, 1].index_select(0, flat).view(batch, -1, self.num_kv_heads, self.head_dim)
-        return self._attend_decode(query, keys.transpose(1, 2), values.transpose(1, 2), meta)
+        return self.attend_decode(query, keys.transpose(1, 2), values.transpose(1, 2), meta)
 
-    def _attend_decode(
+    def attend_decode(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """query ``[B, heads, head_dim]``; keys/values ``[B, kv_heads, S, head_dim]``."""

@@ -21,6 +21,7 @@ import torch
 from engine.attention import AttentionMetadata, build_decode_mask
 from engine.builtin import build_builtin_hf_model
 from engine.config import EngineConfig
+from engine.cpu_linear import TransposedLinear
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 
@@ -240,8 +241,7 @@ def kernel_floor(engine: LLMEngine, batch: int, context: int) -> dict[str, float
     model = engine.runner.model
     config = model.config
     generator = torch.Generator().manual_seed(0)
-    projections = [m for m in model.modules() if hasattr(m, "weight") and m.weight.dim() == 2]
-    projections = [m for m in projections if not isinstance(m, torch.nn.Embedding)]
+    projections = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, TransposedLinear))]
     inputs = [torch.randn(batch, m.weight.shape[1], generator=generator) for m in projections]
 
     def matmuls() -> None:
@@ -271,7 +271,7 @@ def kernel_floor(engine: LLMEngine, batch: int, context: int) -> dict[str, float
 
     def attention() -> None:
         for keys, values in caches:
-            backend._attend_decode(query, keys, values, meta)
+            backend.attend_decode(query, keys, values, meta)
 
     def read_kv() -> None:  # what any attention kernel must at least do: read every K and V once
         for keys, values in caches:
