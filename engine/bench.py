@@ -9,13 +9,14 @@ run. Decode time is measured the same way on both sides: time(prompt + N new tok
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import click
 import torch
 
 from engine.attention import AttentionMetadata, build_decode_mask
@@ -77,7 +78,18 @@ class TransformersSide:
 Side = PdserveSide | TransformersSide
 
 
-def measure(sides: tuple[Side, Side], args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one run measures (the command line's options, less the thread count and the clock)."""
+
+    repeats: int = 3
+    decode_prompt_len: int = 128
+    decode_tokens: int = 64
+    clock: str = "wall"
+    breakdown_batch: int = 32
+
+
+def measure(sides: tuple[Side, Side], args: BenchSettings) -> dict[str, tuple[float, float]]:
     """Per table row, tokens/s of both sides: median over repeats, the two sides interleaved run by run
     (so load from other jobs on a shared machine hits both alike); fresh prompts each repeat."""
     results: dict[str, tuple[float, float]] = {}
@@ -191,7 +203,7 @@ def step_breakdown(side: Side, batch: int, prompt_len: int, new_tokens: int) -> 
     return {row: ms / num_steps for row, ms in rows.items()}
 
 
-def print_breakdown(sides: tuple[Side, Side], args: argparse.Namespace) -> None:
+def print_breakdown(sides: tuple[Side, Side], args: BenchSettings) -> None:
     ours, theirs = (
         step_breakdown(side, args.breakdown_batch, args.decode_prompt_len, args.decode_tokens)
         for side in sides
@@ -286,7 +298,7 @@ def kernel_floor(engine: LLMEngine, batch: int, context: int) -> dict[str, float
     }
 
 
-def print_kernel_floor(engine: LLMEngine, theirs_tokens_per_s: float, args: argparse.Namespace) -> None:
+def print_kernel_floor(engine: LLMEngine, theirs_tokens_per_s: float, args: BenchSettings) -> None:
     batch, context = 32, args.decode_prompt_len + args.decode_tokens // 2
     floor = kernel_floor(engine, batch, context)
     matmul_ms, attention_ms, read_ms = floor["weight matmuls"], floor["attention"], floor["KV read"]
@@ -306,31 +318,39 @@ def print_kernel_floor(engine: LLMEngine, theirs_tokens_per_s: float, args: argp
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-prompt-len", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument(
-        "--clock",
-        choices=sorted(_CLOCKS),
-        default="wall",
-        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, 1 thread)",
-    )
-    parser.add_argument(
-        "--breakdown-batch",
-        type=int,
-        default=32,
-        help="also profile one decode run per side at this batch and print where a step goes (0: off)",
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@click.command(help="pdserve's engine vs transformers generate on the built-in model (one table).")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--decode-prompt-len", type=int, default=128, show_default=True)
+@click.option("--decode-tokens", type=int, default=64, show_default=True)
+@click.option(
+    "--clock",
+    type=click.Choice(sorted(_CLOCKS)),
+    default="wall",
+    show_default=True,
+    help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, 1 thread)",
+)
+@click.option(
+    "--breakdown-batch",
+    type=int,
+    default=32,
+    show_default=True,
+    help="also profile one decode run per side at this batch and print where a step goes (0: off)",
+)
+def main(
+    threads: int | None,
+    repeats: int,
+    decode_prompt_len: int,
+    decode_tokens: int,
+    clock: str,
+    breakdown_batch: int,
+) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    args = BenchSettings(repeats, decode_prompt_len, decode_tokens, clock, breakdown_batch)
     engine = LLMEngine(EngineConfig(kv_cache_bytes=512 * 2**20, max_num_batched_tokens=2048, max_num_seqs=64))
     hf_model = build_builtin_hf_model()
-    clock = _CLOCKS[args.clock]
-    sides = (PdserveSide(engine, clock), TransformersSide(hf_model, clock))
+    sides = (PdserveSide(engine, _CLOCKS[args.clock]), TransformersSide(hf_model, _CLOCKS[args.clock]))
     for side in sides:
         side.generate(_prompts(2, 64, 7), 4)  # warm-up
     results = measure(sides, args)
@@ -349,4 +369,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="python -m engine.bench")

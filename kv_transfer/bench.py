@@ -13,7 +13,6 @@ Block ids are contiguous on both sides unless the case says scattered.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import multiprocessing as mp
@@ -23,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 
+import click
 import torch
 
 from kv_transfer.base import KVHandle, LayoutSignature, TransferEndpoint, TransferStatus
@@ -183,24 +183,33 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument(
-        "--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ",".join(BACKENDS)
-    )
-    parser.add_argument("--no-8b", action="store_true", help="skip the 512 MiB 8B-shaped case")
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="per-transfer timeout")
-    args = parser.parse_args(argv)
-    rows: list[Row] = []
-    for backend in args.backends.split(","):
+def _backend_list(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    backends = value.split(",")
+    for backend in backends:
         if backend not in BACKENDS:
-            parser.error(f"unknown backend {backend!r}")
-        for layout, pool_blocks, group in cases(include_8b=not args.no_8b):
-            config = TransportConfig(backend=backend, timeout_s=args.timeout_s)  # type: ignore[arg-type]
+            raise click.BadParameter(f"unknown backend {backend!r}")
+    return backends
+
+
+@click.command(help="KV pull bandwidth and latency per backend vs the copy ceiling.")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
+@click.option(
+    "--backends",
+    default=",".join(BACKENDS),
+    show_default=True,
+    callback=_backend_list,
+    help="comma-separated subset of " + ",".join(BACKENDS),
+)
+@click.option("--no-8b", "no_8b", is_flag=True, help="skip the 512 MiB 8B-shaped case")
+@click.option("--timeout-s", type=float, default=60.0, show_default=True, help="per-transfer timeout")
+def main(as_json: bool, backends: list[str], no_8b: bool, timeout_s: float) -> None:
+    rows: list[Row] = []
+    for backend in backends:
+        for layout, pool_blocks, group in cases(include_8b=not no_8b):
+            config = TransportConfig(backend=backend, timeout_s=timeout_s)  # type: ignore[arg-type]
             rows.extend(measure(config, layout, pool_blocks, group))
     machine = f"{platform.machine()} {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    if args.json:
+    if as_json:
         print(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=1))
     else:
         print(
@@ -210,4 +219,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="python -m kv_transfer.bench")

@@ -8,11 +8,12 @@ See docs/router.md for the cost model and the choice of defaults.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+
+import click
 
 from router.config import RouterConfig
 from router.replay.decision_bench import run_decision_bench
@@ -21,70 +22,128 @@ from router.replay.simulator import CostModel, PolicyResult, ideal_hit_rate, sim
 from router.traces import MOONCAKE_BLOCK_TOKENS, load_trace
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m router.replay", description=__doc__.splitlines()[0])
-    parser.add_argument("trace", help="Mooncake JSONL (with hash_ids) or Azure CSV trace")
-    parser.add_argument("--workers", type=int, default=8, help="prefill workers in the pool (default 8)")
-    parser.add_argument(
-        "--capacity-blocks",
-        type=int,
-        default=2048,
-        help="prefix-cache blocks per worker (default 2048 = 1M tokens of 512-token blocks)",
-    )
-    parser.add_argument(
-        "--policy",
-        action="append",
-        choices=POLICY_NAMES,
-        help="policy to replay; repeatable (default: all)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
-    parser.add_argument("--block-tokens", type=int, default=MOONCAKE_BLOCK_TOKENS, help="tokens per block id")
-    cost = parser.add_argument_group("cost model")
-    cost.add_argument(
-        "--utilization",
-        type=float,
-        default=0.7,
-        help="set the prefill rate so the pool would be this busy if nothing were cached (default 0.7)",
-    )
-    cost.add_argument(
-        "--prefill-tokens-per-s", type=float, default=None, help="fixed prefill rate per worker"
-    )
-    cost.add_argument(
-        "--overhead-ms", type=float, default=20.0, help="fixed cost per request (default 20 ms)"
-    )
-    pdserve = parser.add_argument_group("pdserve policy")
-    pdserve.add_argument("--prefix-depth", type=int, default=2, help="prefix key depth in blocks (default 2)")
-    pdserve.add_argument(
-        "--high-watermark-tokens",
-        type=int,
-        default=98_304,
-        help="absolute high watermark in queued prefill tokens (default 96k: about one p99-length prompt)",
-    )
-    pdserve.add_argument(
-        "--low-watermark-tokens", type=int, default=49_152, help="absolute low watermark (default 48k)"
-    )
-    pdserve.add_argument(
-        "--high-load-factor", type=float, default=1.5, help="relative high watermark x pool mean"
-    )
-    pdserve.add_argument(
-        "--low-load-factor", type=float, default=1.2, help="relative low watermark x pool mean"
-    )
-    bench = parser.add_argument_group("decision micro-benchmark")
-    bench.add_argument("--skip-decision-bench", action="store_true", help="do not run the micro-benchmark")
-    bench.add_argument(
-        "--bench-prompts",
-        type=int,
-        default=1000,
-        help="4k-token prompts per run (default 1000; best of 5 runs)",
-    )
-    args = parser.parse_args(argv)
-    if args.workers <= 0 or args.capacity_blocks <= 0:
-        parser.error("--workers and --capacity-blocks must be positive")
-    return args
+@dataclass(frozen=True)
+class ReplaySettings:
+    """One replay's options: the command line's, by the same names (defaults live on the options)."""
+
+    trace: str
+    workers: int
+    capacity_blocks: int
+    policy: tuple[str, ...]
+    json: bool
+    limit: int | None
+    block_tokens: int
+    utilization: float
+    prefill_tokens_per_s: float | None
+    overhead_ms: float
+    prefix_depth: int
+    high_watermark_tokens: int
+    low_watermark_tokens: int
+    high_load_factor: float
+    low_load_factor: float
+    skip_decision_bench: bool
+    bench_prompts: int
 
 
-def pdserve_config(args: argparse.Namespace) -> RouterConfig:
+def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value <= 0:
+        raise click.BadParameter("must be positive")
+    return value
+
+
+@click.command(help="Replay a trace through routing policies on a simulated pool.")
+@click.argument("trace")
+@click.option(
+    "--workers",
+    type=int,
+    default=8,
+    callback=_positive,
+    help="prefill workers in the pool (default 8)",
+)
+@click.option(
+    "--capacity-blocks",
+    type=int,
+    default=2048,
+    callback=_positive,
+    help="prefix-cache blocks per worker (default 2048 = 1M tokens of 512-token blocks)",
+)
+@click.option(
+    "--policy",
+    multiple=True,
+    type=click.Choice(POLICY_NAMES),
+    help="policy to replay; repeatable (default: all)",
+)
+@click.option("--json", is_flag=True, help="print JSON instead of a table")
+@click.option("--limit", type=int, default=None, help="replay only the first N requests")
+@click.option("--block-tokens", type=int, default=MOONCAKE_BLOCK_TOKENS, help="tokens per block id")
+# cost model
+@click.option(
+    "--utilization",
+    type=float,
+    default=0.7,
+    help="cost model: prefill rate so that the pool would be this busy if nothing were cached (default 0.7)",
+)
+@click.option(
+    "--prefill-tokens-per-s",
+    type=float,
+    default=None,
+    help="cost model: fixed prefill rate per worker",
+)
+@click.option(
+    "--overhead-ms",
+    type=float,
+    default=20.0,
+    help="cost model: fixed cost per request (default 20 ms)",
+)
+# pdserve policy
+@click.option(
+    "--prefix-depth",
+    type=int,
+    default=2,
+    help="pdserve policy: prefix key depth in blocks (default 2)",
+)
+@click.option(
+    "--high-watermark-tokens",
+    type=int,
+    default=98_304,
+    help="pdserve policy: absolute high watermark in queued prefill tokens (default 96k: ~ one p99 prompt)",
+)
+@click.option(
+    "--low-watermark-tokens",
+    type=int,
+    default=49_152,
+    help="pdserve policy: absolute low watermark (default 48k)",
+)
+@click.option(
+    "--high-load-factor",
+    type=float,
+    default=1.5,
+    help="pdserve policy: relative high watermark x pool mean",
+)
+@click.option(
+    "--low-load-factor",
+    type=float,
+    default=1.2,
+    help="pdserve policy: relative low watermark x pool mean",
+)
+# decision micro-benchmark
+@click.option("--skip-decision-bench", is_flag=True, help="do not run the decision micro-benchmark")
+@click.option(
+    "--bench-prompts",
+    type=int,
+    default=1000,
+    help="decision micro-benchmark: 4k-token prompts per run (default 1000; best of 5 runs)",
+)
+def cli(**options: object) -> int:
+    return run(ReplaySettings(**options))  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv) and replay; the exit status (errors raise click's exceptions)."""
+    return int(cli.main(args=argv, prog_name="python -m router.replay", standalone_mode=False))
+
+
+def pdserve_config(args: ReplaySettings) -> RouterConfig:
     """The pdserve policy's RouterConfig for this replay."""
     return RouterConfig(
         policy="prefix_hash",
@@ -116,8 +175,8 @@ def format_table(results: list[PolicyResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: ReplaySettings) -> int:
+    """Replay ``args.trace`` through the policies; print the table (or JSON); 0."""
     started = time.perf_counter()
     records = load_trace(args.trace)
     if args.limit is not None:
@@ -176,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(prog_name="python -m router.replay")
