@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from cluster.bench.config import SLO, BenchConfig, LengthClass, parse_length_mix
 from cluster.bench.workload import Workload, clip_lengths, spread_ties, trace_arrivals
 from router.traces import TraceRecord
+from tests.shared_data import require_shared
 
-AZURE = Path("/work/shared/data/azure/AzureLLMInferenceTrace_conv.csv")
-MOONCAKE = Path("/work/shared/data/mooncake/conversation_trace.jsonl")
+AZURE = "data/azure/AzureLLMInferenceTrace_conv.csv"  # under ../shared
+MOONCAKE = "data/mooncake/conversation_trace.jsonl"
 
 
 def test_spread_ties_spreads_runs_up_to_the_next_timestamp():
@@ -54,10 +53,9 @@ def test_duration_bounds_open_loop_and_closed_loop_has_no_arrivals():
     assert [r.arrival_s for r in Workload(closed)] == [None] * 5
 
 
-@pytest.mark.skipif(not AZURE.exists(), reason="shared trace not on this machine")
 def test_azure_trace_replay_scaled():
-    config = BenchConfig(arrival="trace", trace=str(AZURE), time_scale=2.0, length_scale=0.25,
-                         duration_s=20.0, seed=0)
+    config = BenchConfig(arrival="trace", trace=str(require_shared(AZURE)), time_scale=2.0,
+                         length_scale=0.25, duration_s=20.0, seed=0)
     requests = list(Workload(config))
     # the first rows of the file: 2023-11-16 18:15:46.68 374/44, 18:15:50.99 396/109
     assert requests[0].arrival_s == 0.0 and len(requests[0].prompt_token_ids) == round(374 * 0.25)
@@ -67,9 +65,9 @@ def test_azure_trace_replay_scaled():
     assert all(len(r.prompt_token_ids) + r.max_tokens <= 4096 for r in requests)
 
 
-@pytest.mark.skipif(not MOONCAKE.exists(), reason="shared trace not on this machine")
 def test_mooncake_shared_hash_ids_share_prefixes():
-    config = BenchConfig(arrival="trace", trace=str(MOONCAKE), length_scale=1 / 16, num_requests=3)
+    trace = str(require_shared(MOONCAKE))
+    config = BenchConfig(arrival="trace", trace=trace, length_scale=1 / 16, num_requests=3)
     first, second, _ = list(Workload(config))
     # both records start with hash id 0 (512 tokens -> 32 after scaling), then differ
     assert first.prompt_token_ids[:32] == second.prompt_token_ids[:32]

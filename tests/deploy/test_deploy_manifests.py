@@ -1,7 +1,7 @@
 """deploy/: KubeRay manifests against the CRD schemas (offline), the Serve config against Serve's
 schema and this repository's code, and the copies of the config kept in step.
 
-The CRD schemas are KubeRay's own (/work/shared/schemas/kuberay, or $PDSERVE_KUBERAY_SCHEMAS). A
+The CRD schemas are KubeRay's own (schemas/kuberay in ../shared beside the repository). A
 Kubernetes API server prunes unknown fields silently, so the validator here is stricter than plain
 JSON Schema: an object schema that lists its properties refuses any other key (a typo such as
 ``minReplica`` fails instead of vanishing).
@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import os
 import re
 import shutil
 import subprocess
@@ -23,9 +22,11 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.shared_data import require_shared
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-SCHEMAS = Path(os.environ.get("PDSERVE_KUBERAY_SCHEMAS", "/work/shared/schemas/kuberay"))
+SCHEMAS = "schemas/kuberay"  # under ../shared
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayService": "ray.io_rayservices.yaml"}
 
 
@@ -48,9 +49,7 @@ def _strict(schema: Any) -> Any:
 
 @functools.cache
 def _validator(kind: str, api_version: str) -> jsonschema.Draft7Validator:
-    path = SCHEMAS / CRD_FILES[kind]
-    if not path.is_file():
-        pytest.fail(f"KubeRay CRD schema missing: {path} (set PDSERVE_KUBERAY_SCHEMAS)")
+    path = require_shared(f"{SCHEMAS}/{CRD_FILES[kind]}")
     # The CRDs are ~1 MB each: parse with libyaml when available, once per session.
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     version = api_version.split("/")[1]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from router.traces import TraceFormatError, TraceRecord, load_trace, synthesize_prompt
+from tests.shared_data import require_shared
 
-MOONCAKE = Path("/work/shared/data/mooncake/conversation_trace.jsonl")
+MOONCAKE = "data/mooncake/conversation_trace.jsonl"  # under ../shared
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -142,9 +143,8 @@ def test_bad_synthesis_arguments() -> None:
             synthesize_prompt(record, **kwargs)
 
 
-@pytest.mark.skipif(not MOONCAKE.exists(), reason="shared Mooncake trace not present")
 def test_real_mooncake_trace_loads() -> None:
-    records = load_trace(MOONCAKE)
+    records = load_trace(require_shared(MOONCAKE))
     assert len(records) == 12_031
     assert records[0].hash_ids is not None and records[0].hash_ids[0] == 0
     assert all(r.hash_ids is not None and len(r.hash_ids) == -(-r.input_length // 512) for r in records)
