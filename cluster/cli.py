@@ -16,9 +16,8 @@ from typing import Any
 import click
 import grpc
 
+from cluster.cli_options import DEFAULT_SERVER, renamed_option
 from cluster.config import ConfigError, GrpcSection, load_config
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 @click.group()
@@ -42,8 +41,13 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     "--model", default=None, help="Local Hugging Face checkpoint directory (default: built-in model)."
 )
 @click.option(
-    "--address", default=None, help="Join this running Ray cluster instead of starting a local one."
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="Join this running Ray cluster (e.g. auto, 10.0.0.1:6379, ray://head:10001) instead of "
+    "starting a local one.",
 )
+@renamed_option("--address", "--ray-address")
 @click.option("--host", default=None, help="Bind the gRPC API to this host (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="gRPC API port (default 50051; 0 picks a free one).")
 @click.option(
@@ -55,7 +59,7 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 def serve(
     config_path: str | None,
     model: str | None,
-    address: str | None,
+    ray_address: str | None,
     host: str | None,
     port: int | None,
     mode: str | None,
@@ -79,7 +83,7 @@ def serve(
     from cluster.embedded import EmbeddedCluster
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    cluster = EmbeddedCluster(config, address=address)
+    cluster = EmbeddedCluster(config, address=ray_address)
     try:
         cluster.start()
         # ray.init installs its own SIGTERM handler (it dumps a stack and aborts mid-shutdown): take it back
@@ -98,7 +102,10 @@ def serve(
 
 @main.command()
 @click.argument("text")
-@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="gRPC API address.")
+@click.option(
+    "--server", default=DEFAULT_SERVER, show_default=True, metavar="HOST:PORT", help="gRPC API address."
+)
+@renamed_option("--address", "--server")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=None, help="0 = greedy (default).")
 @click.option("--top-p", type=float, default=None)
@@ -113,7 +120,7 @@ def serve(
 )
 def generate(
     text: str,
-    address: str,
+    server: str,
     max_tokens: int,
     temperature: float | None,
     top_p: float | None,
@@ -135,7 +142,7 @@ def generate(
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if value is not None:
             setattr(request, name, value)
-    channel, stub = connect(address)
+    channel, stub = connect(server)
     try:
         responses = stub.Generate(request, timeout=timeout)
         if as_json:
@@ -152,15 +159,18 @@ def generate(
 
 
 @main.command()
-@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="gRPC API address.")
-def info(address: str) -> None:
+@click.option(
+    "--server", default=DEFAULT_SERVER, show_default=True, metavar="HOST:PORT", help="gRPC API address."
+)
+@renamed_option("--address", "--server")
+def info(server: str) -> None:
     """Print ClusterInfo (pools, replicas, load, KV blocks, prefix hit rate) as JSON."""
     from google.protobuf.json_format import MessageToDict
 
     from cluster.client import connect
     from protos import pdserve_pb2 as pb
 
-    channel, stub = connect(address)
+    channel, stub = connect(server)
     try:
         response = stub.ClusterInfo(pb.ClusterInfoRequest(), timeout=30)
         click.echo(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True), indent=2))

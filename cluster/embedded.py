@@ -1,6 +1,6 @@
 """``EmbeddedCluster``: a local Ray + the pdserve Serve application, as a context manager.
 
-Used by ``pdserve serve`` (no ``--address``), the tests and the benchmarks::
+Used by ``pdserve serve`` (no ``--ray-address``), the tests and the benchmarks::
 
     with EmbeddedCluster(ClusterConfig()) as cluster:
         print(cluster.grpc_address)     # "127.0.0.1:50051"
@@ -8,7 +8,7 @@ Used by ``pdserve serve`` (no ``--address``), the tests and the benchmarks::
 Ray is started with ``include_dashboard=False``, a ``_temp_dir`` under /tmp, and bound to 127.0.0.1 as
 far as Ray allows (its core processes still listen on all interfaces; see docs/operations.md). Serve
 runs with its HTTP/gRPC proxies disabled: the ingress replicas serve gRPC themselves. When Ray is
-already initialized in this process (the tests' session fixture, or ``--address``), it is reused and
+already initialized in this process (the tests' session fixture, or ``--ray-address``), it is reused and
 left running on exit; only the application is deleted.
 """
 

@@ -15,6 +15,7 @@ import click
 from cluster.bench.config import SLO, BenchConfig, parse_length_mix
 from cluster.bench.suite import Target, embedded_target, external_target, run_suite
 from cluster.bench.workload import Workload
+from cluster.cli_options import DEFAULT_SERVER, renamed_option
 
 MODES = ("disaggregated", "colocated")
 
@@ -31,8 +32,9 @@ def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> 
 
 
 @click.command("bench")
-@click.option("--address", default="127.0.0.1:50051", show_default=True,
+@click.option("--server", default=DEFAULT_SERVER, show_default=True, metavar="HOST:PORT",
               help="gRPC address of a running cluster (ignored with --embedded / --compare).")
+@renamed_option("--address", "--server")
 @click.option("--embedded", is_flag=True, help="Start an embedded local cluster for the run.")
 @click.option("--mode", type=click.Choice(MODES), default="disaggregated", show_default=True,
               help="Embedded cluster mode.")
@@ -74,7 +76,7 @@ def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> 
               help="Results folder [default: bench-out/<UTC time>].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.argument("more_slo", nargs=-1, metavar="[ttft:MS|tpot:MS|e2e:MS]...")
-def bench(address: str, embedded: bool, mode: str, compare: bool, colocated_replicas: int | None,
+def bench(server: str, embedded: bool, mode: str, compare: bool, colocated_replicas: int | None,
           cluster_config: str | None,
           trace: str | None, rate: float | None, concurrency: int | None, time_scale: float,
           length_scale: float, lengths: str, duration: float | None, num_requests: int | None,
@@ -99,17 +101,17 @@ def bench(address: str, embedded: bool, mode: str, compare: bool, colocated_repl
     if math.isinf(config.rate) and config.arrival == "poisson" and config.num_requests is None:
         raise click.BadParameter("--rate inf needs --num-requests")
     out_dir = Path(output_dir or f"bench-out/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    targets = _targets(address, embedded, mode, compare, cluster_config, colocated_replicas)
+    targets = _targets(server, embedded, mode, compare, cluster_config, colocated_replicas)
     try:
         run_suite(config, Workload(config), targets, out_dir, show_progress=not no_progress, echo=click.echo)
     except (RuntimeError, TimeoutError) as error:   # unreachable server, failed warm-up
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
 
 
-def _targets(address: str, embedded: bool, mode: str, compare: bool, cluster_config: str | None,
+def _targets(server: str, embedded: bool, mode: str, compare: bool, cluster_config: str | None,
              colocated_replicas: int | None) -> list[Target]:
     if not (embedded or compare):
-        return [external_target(address)]
+        return [external_target(server)]
     base = None
     if cluster_config is not None:
         from cluster.config import load_config

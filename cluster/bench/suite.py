@@ -1,7 +1,7 @@
 """Run one workload against one or more targets and write every output.
 
 A target is a label and a context manager that yields a gRPC address: an external cluster
-(`--address`), or an embedded cluster started for the run (`--embedded`, one per mode with
+(`--server`), or an embedded cluster started for the run (`--embedded`, one per mode with
 `--compare`; one after the other, so they never share the 2 CPU cores).
 
 Output folder layout (one target): results.json, summary.md, latency_cdf.png, throughput.png.

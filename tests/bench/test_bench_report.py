@@ -139,7 +139,7 @@ def server():
 def test_cli_summary_recomputed_from_results_json(server, tmp_path: Path):
     out = tmp_path / "run"
     result = CliRunner().invoke(bench, [
-        "--address", server.address, "--lengths", "24x9:3,80x6:1,40x4:1", "--rate", "40",
+        "--server", server.address, "--lengths", "24x9:3,80x6:1,40x4:1", "--rate", "40",
         "--num-requests", "16", "--goodput", "ttft:80", "tpot:20", "--seed", "5", "--poll-interval", "0.05",
         "--output-dir", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output

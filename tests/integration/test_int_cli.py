@@ -55,7 +55,7 @@ def test_pdserve_serve_and_generate_json(tmp_path: Path) -> None:
     try:
         _wait_serving(address, server, timeout_s=240)
         done = subprocess.run(
-            [PDSERVE, "generate", "hello", "--json", "--address", address],
+            [PDSERVE, "generate", "hello", "--json", "--server", address],
             capture_output=True,
             text=True,
             timeout=120,
