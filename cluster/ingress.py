@@ -5,6 +5,12 @@ cap token streaming; so the application runs with Serve's proxies disabled and e
 starts a ``grpc.aio`` server (``cluster.servicer``) bound to ``grpc.host:grpc.port`` from the config.
 Workers are reached through ``DeploymentHandle``s; decode streams arrive already coalesced (several
 tokens per message under load).
+
+The event loop is uvloop's: every Ray worker process installs uvloop's loop policy at start when uvloop
+is importable (``ray/_private/workers/default_worker.py``, ``RAY_USE_UVLOOP`` on by default), and Serve
+runs the replica's code on a loop from ``asyncio.new_event_loop()`` in its own thread, so that loop is a
+``uvloop.Loop``. That is why uvloop is a declared dependency: Ray does not require it. The replica
+reports its loop class (``event_loop``) and warns when it is not uvloop.
 """
 
 from __future__ import annotations
@@ -30,13 +36,21 @@ class IngressDeployment:
         self.servicer = PDServeServicer(self.path)
         self.server, self.port = make_server(self.servicer, config.grpc.host, config.grpc.port)
         await self.server.start()
-        self._warm_up = asyncio.get_running_loop().create_task(self.path.warm_up())
+        loop = asyncio.get_running_loop()
+        self._warm_up = loop.create_task(self.path.warm_up())
         self.address = f"{config.grpc.host}:{self.port}"
-        logger.info("pdserve gRPC API on %s", self.address)
+        self.loop_class = f"{type(loop).__module__}.{type(loop).__qualname__}"
+        if not self.loop_class.startswith("uvloop."):
+            logger.warning("ingress event loop is %s, not uvloop (is uvloop installed?)", self.loop_class)
+        logger.info("pdserve gRPC API on %s (event loop %s)", self.address, self.loop_class)
 
     async def grpc_address(self) -> str:
         """Where this replica's gRPC API listens (``host:port``; the port is the bound one)."""
         return self.address
+
+    async def event_loop(self) -> str:
+        """The class of the event loop the gRPC server runs on (``uvloop.Loop`` when uvloop is installed)."""
+        return self.loop_class
 
     async def check_health(self) -> None:
         """Serve's health check: the gRPC server must still be serving."""
