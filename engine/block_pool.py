@@ -44,6 +44,11 @@ class BlockPool:
     # -- queries (no state change) --------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
+        """Blocks neither referenced nor cached."""
+        return len(self._free)
+
+    @property
+    def num_allocatable_blocks(self) -> int:
         """Blocks an allocation can take now: free plus cached-unreferenced (evictable)."""
         return len(self._free) + len(self._evictable)
 
@@ -62,7 +67,7 @@ class BlockPool:
 
     def can_allocate(self, num_blocks: int) -> bool:
         """Whether ``allocate(num_blocks)`` would succeed."""
-        return num_blocks <= self.num_free_blocks
+        return num_blocks <= self.num_allocatable_blocks
 
     def match_prefix(self, hashes: Sequence[BlockHash]) -> PrefixMatch:
         """Read-only longest cached prefix for a hash chain."""
@@ -76,7 +81,9 @@ class BlockPool:
     def allocate(self, num_blocks: int, tenant: str = "") -> list[int]:
         """Take ``num_blocks`` blocks (refcount 1): free ones first, then evict the least recently used."""
         if not self.can_allocate(num_blocks):
-            raise OutOfBlocksError(f"asked for {num_blocks} blocks, {self.num_free_blocks} allocatable")
+            raise OutOfBlocksError(
+                f"asked for {num_blocks} blocks, {self.num_allocatable_blocks} allocatable"
+            )
         block_ids = []
         for _ in range(num_blocks):
             if self._free:

@@ -25,7 +25,7 @@ from engine.kv_cache import KVAllocator, allocate_kv_cache, plan_kv_cache
 from engine.loader import build_model, load_source, weights_fingerprint
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import PREFILLED, EngineStats, RequestOutput
 from engine.sampler import Sampler
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -61,7 +61,7 @@ class LLMEngine:
         self._fingerprint = weights_fingerprint(state_dict)
         layout = plan_kv_cache(self.model_config, self.dtype, config.block_size, config.kv_cache_bytes)
         self.kv_layout = layout
-        max_model_len = min(self.model_config.context_length, layout.num_blocks * config.block_size)
+        max_model_len = config.max_context_len(self.model_config.context_length, layout.kv_shape)
         self.scheduler_config = config.scheduler_config(max_model_len)
         backend = self._make_backend()
         self.model = build_model(
@@ -129,7 +129,8 @@ class LLMEngine:
         tenant: str = "",
         prefill_only: bool = False,
     ) -> None:
-        """Queue a request. ``prefill_only``: finish after the first token and keep the blocks pinned."""
+        """Queue a request. ``prefill_only``: leave after the first token (``PREFILLED``, or the reason that
+        token ends it) with the blocks pinned until ``release_pinned``."""
         seq = self._new_sequence(request_id, prompt_token_ids, params or SamplingParams(), tenant)
         seq.prefill_only = prefill_only
         self._requests[request_id] = seq
@@ -264,6 +265,7 @@ class LLMEngine:
                 self._totals["cached"] += seq.num_cached_tokens
 
     def _check_stop(self, seq: Sequence) -> str | None:
+        """Why ``seq`` leaves the batch after its newest token, or None. The one place stop rules live."""
         params, token = seq.params, seq.token_ids[-1]
         if token in params.stop_token_ids:
             return "stop"
@@ -273,10 +275,10 @@ class LLMEngine:
             return "stop"
         if seq.num_output_tokens >= params.max_tokens:
             return "length"
-        if seq.prefill_only:
-            return "length"  # the decode side continues: the reason here only ends the prefill
         if seq.num_tokens >= self.scheduler_config.max_model_len:
             return "context"
+        if seq.prefill_only:
+            return PREFILLED  # not an end: the decode side continues from the pinned blocks
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -314,6 +316,7 @@ class LLMEngine:
             num_blocks_used=pool.num_used_blocks,
             num_blocks_cached=pool.num_cached_blocks,
             num_blocks_free=pool.num_free_blocks,
+            num_blocks_allocatable=pool.num_allocatable_blocks,
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_pinned=len(self._pinned),

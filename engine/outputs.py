@@ -6,13 +6,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The finish reason of a ``prefill_only`` request whose first token does not end it: its KV is pinned and
+# a decode engine continues it. Not an end of the request: a state of its own, never "length".
+PREFILLED = "prefilled"
+
 
 @dataclass
 class RequestOutput:
     """New tokens of one request from one ``step()``.
 
-    ``finish_reason``: "length" (max_tokens), "stop" (stop token id or stop string), "eos",
-    "context" (the model's context is full), "abort", or None while running.
+    ``finished``: this engine is done with the request. ``finish_reason``: "length" (max_tokens), "stop"
+    (stop token id or stop string), "eos", "context" (the model's context is full), "abort",
+    ``PREFILLED`` (prefill_only, handed on to a decode engine), or None while running. The stop rules
+    live only in the engine: a caller reads the reason, never re-derives it.
     """
 
     request_id: str
@@ -24,6 +30,11 @@ class RequestOutput:
     new_text: str | None = None  # filled when SamplingParams.detokenize or stop strings are set
     logits: list[torch.Tensor] | None = None  # one float32 [vocab] per new token when return_logits
 
+    @property
+    def is_prefilled(self) -> bool:
+        """A prefill_only request's first token did not end it: its blocks wait pinned for the decode side."""
+        return self.finish_reason == PREFILLED
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -32,7 +43,8 @@ class EngineStats:
     num_blocks_total: int
     num_blocks_used: int  # referenced: running, pinned or allocated for a pull
     num_blocks_cached: int  # unreferenced, holding a cached prefix (evictable)
-    num_blocks_free: int  # allocatable now: free + cached
+    num_blocks_free: int  # neither used nor cached
+    num_blocks_allocatable: int  # what an allocation may take now: free + cached (evictable)
     num_running: int
     num_waiting: int
     num_pinned: int  # prefill_only requests whose blocks await release_pinned

@@ -65,9 +65,6 @@ class Scheduler:
             if s.num_tokens - s.num_computed_tokens > 1
         )
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
@@ -118,7 +115,8 @@ class Scheduler:
             match = self._match_prefix(seq)
             num_tokens = min(seq.num_tokens - match.num_cached_tokens, budget)
             num_new_blocks = self.blocks_for(match.num_cached_tokens + num_tokens) - len(match.block_ids)
-            if self.pool.num_evictable_in(match.block_ids) + num_new_blocks > self.pool.num_free_blocks:
+            num_allocatable = self.pool.num_allocatable_blocks
+            if self.pool.num_evictable_in(match.block_ids) + num_new_blocks > num_allocatable:
                 break  # admission by free blocks: wait for running sequences to finish
             self.pool.share(match.block_ids)
             seq.block_ids = [*match.block_ids, *self.pool.allocate(num_new_blocks, seq.tenant)]

@@ -171,6 +171,6 @@ def assert_pool_empty(engine: LLMEngine) -> None:
     engine.pool.check_invariants()
     stats = engine.stats()
     assert stats.num_blocks_used == 0, f"{stats.num_blocks_used} blocks still referenced"
-    assert stats.num_blocks_free == stats.num_blocks_total
+    assert stats.num_blocks_allocatable == stats.num_blocks_total
     assert not engine.has_unfinished_requests()
     assert stats.num_running == stats.num_waiting == stats.num_pinned == 0

@@ -33,11 +33,11 @@ class PoolModel:
         pool = self.pool
         if kind == "allocate":
             can = pool.can_allocate(arg)
-            free_before = pool.num_free_blocks
+            free_before = pool.num_allocatable_blocks
             if not can:
                 with pytest.raises(OutOfBlocksError):
                     pool.allocate(arg, extra)
-                assert pool.num_free_blocks == free_before  # a refused allocation changes nothing
+                assert pool.num_allocatable_blocks == free_before  # a refused allocation changes nothing
                 return
             blocks = pool.allocate(arg, extra)
             assert len(set(blocks)) == arg
@@ -69,7 +69,7 @@ class PoolModel:
             assert pool.ref_count(block) == self.held.count(block) >= 0
         used = len(set(self.held))
         assert pool.num_used_blocks == used
-        assert pool.num_free_blocks + used == pool.num_blocks  # free + used = total
+        assert pool.num_allocatable_blocks + used == pool.num_blocks  # free + cached + used = total
         cached_unreferenced = {b for b in self.hash_of if b not in self.held}
         assert pool.num_cached_blocks == len(cached_unreferenced)
 
@@ -89,7 +89,7 @@ def test_random_operations_keep_invariants(ops: list[tuple]) -> None:
     pool.release(model.held)  # leak check: everything returned leaves nothing referenced
     model.held.clear()
     model.check()
-    assert pool.num_used_blocks == 0 and pool.num_free_blocks == NUM_BLOCKS
+    assert pool.num_used_blocks == 0 and pool.num_allocatable_blocks == NUM_BLOCKS
 
 
 def test_lru_eviction_order_and_counters() -> None:
@@ -99,7 +99,7 @@ def test_lru_eviction_order_and_counters() -> None:
         assert pool.cache_block(block, _hash(index), "a")
     pool.release(blocks[:2])  # released in reverse: blocks[1] is older than blocks[0] in the LRU
     pool.release(blocks[2:])
-    assert pool.num_cached_blocks == 4 and pool.num_free_blocks == 4
+    assert pool.num_cached_blocks == 4 and pool.num_allocatable_blocks == 4
     taken = pool.allocate(1, "b")
     assert taken == [blocks[1]], "least recently released is evicted first"
     assert pool.match_prefix([_hash(1)]).num_cached_tokens == 0

@@ -71,9 +71,9 @@ def test_abort_is_idempotent_and_frees_everything() -> None:
 
 def test_failed_pull_frees_allocated_blocks() -> None:
     engine = make_engine(build_model("llama"))
-    before = engine.stats().num_blocks_free
+    before = engine.stats().num_blocks_allocatable
     engine.allocate_blocks("pull", 100)
-    assert engine.stats().num_blocks_free == before - 7
+    assert engine.stats().num_blocks_allocatable == before - 7
     engine.free_allocated("pull")
     engine.free_allocated("pull")
     assert_pool_empty(engine)
