@@ -150,13 +150,6 @@ class LoadTable:
         """Whether the worker is above its watermark (entered above high, not yet below low)."""
         return worker_id in self._hot
 
-    def has_report(self, worker_id: str) -> bool:
-        return worker_id in self._reports
-
-    def report(self, worker_id: str) -> LoadReport | None:
-        """The last report received from a worker (without the local estimate), if any."""
-        return self._reports.get(worker_id)
-
     def queued_tokens(self, worker_id: str) -> int:
         """Reported queued prefill tokens plus what was sent since (0 if never reported)."""
         report = self._reports.get(worker_id)

@@ -13,8 +13,6 @@ import bisect
 import hashlib
 from collections.abc import Iterable, Iterator
 
-RING_BITS = 64
-
 
 def ring_position(key: bytes) -> int:
     """Position of a key on the ring: its first 8 bytes, little-endian.
@@ -37,7 +35,7 @@ def _point(seed: bytes, worker_id: str, index: int) -> int:
 class HashRing:
     """Consistent-hash ring of worker ids.
 
-    Queries (``owner``, ``walk``) do not change state; ``add`` / ``remove`` / ``set_workers`` do.
+    Queries (``owner``, ``walk``) do not change state; ``set_workers`` does.
     """
 
     def __init__(
@@ -77,16 +75,6 @@ class HashRing:
         )
         self._positions = [position for position, _ in points]
         self._owners = [worker_id for _, worker_id in points]
-
-    def add(self, worker_id: str) -> None:
-        """Add one worker (no-op if present)."""
-        if worker_id not in self._workers:
-            self.set_workers([*self._workers, worker_id])
-
-    def remove(self, worker_id: str) -> None:
-        """Remove one worker (no-op if absent)."""
-        if worker_id in self._workers:
-            self.set_workers(self._workers - {worker_id})
 
     def _index(self, key: bytes) -> int:
         positions = self._positions

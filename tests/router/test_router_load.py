@@ -87,7 +87,7 @@ def test_stale_and_unknown_reports_are_ignored() -> None:
     assert not table.update(report("a", 2000, 5.0))
     assert table.queued_tokens("a") == 2050
     assert not table.update(report("zz", 0, 9.0))
-    assert table.report("zz") is None
+    assert table.free_kv_blocks("zz") is None and table.queued_tokens("zz") == 0  # not recorded
 
 
 def test_debit_adds_until_the_next_report() -> None:
@@ -114,7 +114,7 @@ def test_set_workers_keeps_reports_of_workers_that_stay() -> None:
     table.set_workers(["a", "c"])
     assert table.worker_ids == ("a", "c")
     assert table.is_hot("a") and table.queued_tokens("a") == 5000
-    assert table.report("b") is None and not table.is_hot("b")
+    assert table.free_kv_blocks("b") is None and not table.is_hot("b")
     assert table.mean_queued_tokens() == 2500
 
 
