@@ -2,11 +2,12 @@
 
 Each replica builds its KV transport (``kv_transfer.make_transport``), lets the transport allocate the
 engine's KV pool (so the pool is memory the transport can serve), and runs the engine in one
-background thread (``prefill_worker.engine_loop``). Every method takes an optional
+background thread (``worker_common.engine_loop``). Every method takes an optional
 ``target_replica_id`` keyword: ``cluster.routing.TargetedRequestRouter`` reads it to reach this exact
 replica; the method itself ignores it.
 
-Replicas publish their load twice: ``record_routing_stats`` (read by the ingress's routers) and
+Replicas publish their load (one ``cluster.stats.ReplicaLoad``) three ways: ``replica_stats`` (asked
+directly, e.g. by ``ClusterInfo``), ``record_routing_stats`` (read by the ingress's routers) and
 ``record_autoscaling_stats`` (the custom metrics ``cluster.autoscaling`` policies read: prefill
 ``queued_prefill_tokens`` and ``running_requests``; decode ``kv_blocks_used_fraction`` and
 ``running_requests``).
@@ -19,9 +20,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.config import ClusterConfig, config_from_dict
-from cluster.model_info import load_model_info
-from cluster.stats import replica_stats
-from prefill_worker.requests import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
+from cluster.stats import ReplicaLoad
+from worker_common.messages import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
 
 logger = logging.getLogger(__name__)
 
@@ -68,25 +68,22 @@ def _build_engine(config: ClusterConfig, transport: Any, torch_threads: int | No
 class _WorkerDeployment:
     """What both pools' replicas share: load reports (ClusterInfo, routing, autoscaling), the health
     check and clean-up. A subclass sets ``self.replica_id`` and ``self.worker`` and adds its own stats
-    in ``_extra_stats``."""
+    in ``_worker_counts``."""
 
     replica_id: str
     worker: Any
 
-    async def replica_stats(self, target_replica_id: str | None = None) -> dict[str, Any]:
-        return self._stats()
+    async def replica_stats(self, target_replica_id: str | None = None) -> ReplicaLoad:
+        return self._load()
 
-    def _stats(self) -> dict[str, Any]:
-        stats = replica_stats(self.worker.stats())
-        stats["replica_id"] = self.replica_id
-        stats.update(self._extra_stats())
-        return stats
+    def _load(self) -> ReplicaLoad:
+        return ReplicaLoad.from_engine(self.replica_id, self.worker.stats(), **self._worker_counts())
 
-    def _extra_stats(self) -> dict[str, Any]:
+    def _worker_counts(self) -> dict[str, int]:
         return {}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return self._stats()
+        return self._load().to_routing_stats()  # Serve's contract is a dict; the ingress reads a ReplicaLoad
 
     def check_health(self) -> None:
         """Serve's health check: the engine thread must be alive."""
@@ -110,15 +107,8 @@ class PrefillDeployment(_WorkerDeployment):
         self.replica_id = _replica_id()
         transport = make_transport(transport_config_of(config), self.replica_id)
         engine = _build_engine(config, transport, config.prefill.torch_threads)
-        limits = load_model_info(config).limits
         self.worker = PrefillWorker(
-            engine,
-            transport,
-            self.replica_id,
-            config.dtype,
-            config.block_size,
-            config.lease_s,
-            limits.max_model_len,
+            engine, transport, self.replica_id, config.dtype, config.block_size, config.lease_s
         )
 
     async def prefill(self, request: WorkerRequest, target_replica_id: str | None = None) -> PrefillResult:
@@ -130,14 +120,14 @@ class PrefillDeployment(_WorkerDeployment):
     async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
         await self.worker.abort(request_id)
 
-    def _extra_stats(self) -> dict[str, Any]:
+    def _worker_counts(self) -> dict[str, int]:
         return {"pinned_requests": self.worker.num_pinned, "leases_expired": self.worker.num_leases_expired}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        stats = self._stats()
+        load = self._load()
         return {
-            "queued_prefill_tokens": float(stats["queued_prefill_tokens"]),
-            "running_requests": float(stats["running_requests"]),
+            "queued_prefill_tokens": float(load.queued_prefill_tokens),
+            "running_requests": float(load.running_requests),
         }
 
 
@@ -173,13 +163,12 @@ class DecodeDeployment(_WorkerDeployment):
         async for chunk in self.worker.generate(work):
             yield chunk
 
-    def _extra_stats(self) -> dict[str, Any]:
+    def _worker_counts(self) -> dict[str, int]:
         return {"recomputed_requests": self.worker.num_recomputed}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        stats = self._stats()
-        total = max(1, int(stats["kv_blocks_total"]))
+        load = self._load()
         return {
-            "kv_blocks_used_fraction": float(stats["kv_blocks_used"]) / total,
-            "running_requests": float(stats["running_requests"]),
+            "kv_blocks_used_fraction": load.kv_blocks_used_fraction,
+            "running_requests": float(load.running_requests),
         }

@@ -10,13 +10,15 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.stats import ReplicaLoad
+
 
 @dataclass(frozen=True)
 class ReplicaView:
-    """One replica as the ingress sees it: its id and its last published load report."""
+    """One replica as the ingress sees it: its id and its last published load (None before the first)."""
 
     replica_id: str
-    routing_stats: dict[str, Any]
+    load: ReplicaLoad | None
 
 
 class ReplicaDirectory:
@@ -37,7 +39,7 @@ class ReplicaDirectory:
         if router is None:
             return []
         return [
-            ReplicaView(replica.replica_id.unique_id, dict(replica.routing_stats or {}))
+            ReplicaView(replica.replica_id.unique_id, ReplicaLoad.from_routing_stats(replica.routing_stats))
             for replica in list(router.curr_replicas.values())
         ]
 

@@ -26,8 +26,8 @@ from cluster.replica_directory import REPLICA_DIRECTORY, ReplicaView
 from cluster.route_policy import RoutePolicy
 from cluster.validation import ValidRequest
 from engine.detokenizer import StopStringChecker
-from prefill_worker.requests import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
 from protos import pdserve_pb2 as pb
+from worker_common.messages import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +132,11 @@ class RequestPath:
             trace.num_cached_tokens = result.num_cached_tokens
             trace.route.prefill_replica = result.replica_id
             trace.route.reason = f"prefill={choice.reason}"
-            if result.handle is None:
-                is_released = True  # the prefill replica unpinned at once: nothing left to decode
+            if not result.is_prefilled:
+                is_released = True  # the first token ended it; the prefill replica unpinned at once
                 yield [result.first_token_id], result.finish_reason
                 return
+            assert result.handle is not None
             yield [result.first_token_id], None
             decode_choice = self.policy.choose_decode(len(result.handle.block_ids), decode_views)
             trace.route.reason += f" decode={decode_choice.reason}"

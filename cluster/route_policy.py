@@ -15,6 +15,7 @@ from typing import Any
 from cluster.config import RouterSection
 from cluster.replica_directory import ReplicaView
 from router.config import RouterConfig
+from router.load import LoadReport
 from router.router import Router
 
 logger = logging.getLogger(__name__)
@@ -85,18 +86,19 @@ def _reason(reason: Any) -> str:
     return str(getattr(reason, "value", reason))
 
 
-def _load_report(view: ReplicaView) -> Any:
-    """The router's ``LoadReport`` from a replica's published stats (None before its first report)."""
-    from router.load import LoadReport
+def _load_report(view: ReplicaView) -> LoadReport | None:
+    """The router's ``LoadReport`` from a replica's published load (None before its first report).
 
-    stats = view.routing_stats
-    if "reported_at" not in stats:
+    The router's "free" KV blocks are what an allocation may take: free plus cached (evictable).
+    """
+    load = view.load
+    if load is None:
         return None
     return LoadReport(
         worker_id=view.replica_id,
-        queued_prefill_tokens=int(stats["queued_prefill_tokens"]),
-        running_requests=int(stats["running_requests"]) + int(stats["queued_requests"]),
-        free_kv_blocks=int(stats["kv_blocks_allocatable"]),
-        total_kv_blocks=int(stats["kv_blocks_total"]),
-        reported_at=float(stats["reported_at"]),
+        queued_prefill_tokens=load.queued_prefill_tokens,
+        running_requests=load.load,
+        free_kv_blocks=load.kv_blocks_allocatable,
+        total_kv_blocks=load.kv_blocks_total,
+        reported_at=load.reported_at,
     )

@@ -24,9 +24,11 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 TARGET_KWARG = "target_replica_id"
 
 
-def _load_of(replica: RunningReplica) -> float:
-    stats = replica.routing_stats or {}
-    return float(stats.get("running_requests", 0)) + float(stats.get("queued_requests", 0))
+def _load_of(replica: RunningReplica) -> int:
+    from cluster.stats import ReplicaLoad
+
+    load = ReplicaLoad.from_routing_stats(replica.routing_stats)
+    return load.load if load is not None else 0
 
 
 class TargetedRequestRouter(RequestRouter):

@@ -3,8 +3,9 @@
 ``Generate`` reads its request with ``cluster.validation.parse_generate_request`` (the bytes-typed twin,
 so invalid UTF-8 and negative numbers are reported by field), validates, and streams from
 ``RequestPath``. Every refusal is ``await context.abort(code, "field: reason")``; any other failure is
-translated to a status here (never a Ray traceback): RESOURCE_EXHAUSTED when a pool has no room,
-UNAVAILABLE when a replica died, DEADLINE_EXCEEDED after ``request_timeout_s``, INTERNAL otherwise.
+translated to a status here (never a Ray traceback) by ``status_for``, from the type of the cause under
+Ray's and Serve's wrappers: RESOURCE_EXHAUSTED when a pool has no room, UNAVAILABLE when a replica died
+or is unreachable, DEADLINE_EXCEEDED after ``request_timeout_s``, INTERNAL otherwise.
 """
 
 from __future__ import annotations
@@ -15,41 +16,68 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    gRPCStatusError,
+)
 
 from cluster.replica_directory import REPLICA_DIRECTORY
 from cluster.request_path import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT, RequestPath
+from cluster.stats import ReplicaLoad
 from cluster.validation import RequestError, WireParseFailure, parse_generate_request, validate
+from engine.block_pool import OutOfBlocksError
 from protos import pdserve_pb2 as pb
+from worker_common.messages import NoKVSpaceError
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "pdserve.v1.PDServe"
 
 
+# Errors told apart by type, never by their text. Checked in this order on the unwrapped cause.
+_RESOURCE_EXHAUSTED: tuple[type[BaseException], ...] = (NoKVSpaceError, OutOfBlocksError, BackPressureError)
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    RayActorError,  # ActorDiedError and ActorUnavailableError are RayActorErrors
+    ReplicaUnavailableError,
+    DeploymentUnavailableError,
+)
+
+
+def unwrap_cause(error: BaseException) -> BaseException:
+    """The exception a Ray or Serve wrapper carries: ``RayTaskError.cause`` (a remote call raised it;
+    Ray re-raises it as a subclass of both), ``gRPCStatusError.original_exception``; nested wrappers too."""
+    for _ in range(16):  # wrappers nest a few deep at most; never loop on a cycle
+        if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+            cause = error.cause
+        elif isinstance(error, gRPCStatusError):
+            cause = error.original_exception
+        else:
+            return error
+        if cause is error:
+            return error
+        error = cause
+    return error
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception raised on the request path (messages stay one line)."""
-    text = f"{type(error).__name__}: {error}"
-    if "NoKVSpaceError" in text or "OutOfBlocksError" in text:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, _last_line(text)
-    if any(
-        name in text
-        for name in (
-            "ActorDiedError",
-            "ActorUnavailableError",
-            "RayActorError",
-            "ReplicaUnavailableError",
-            "DeploymentUnavailableError",
-        )
-    ):
-        return grpc.StatusCode.UNAVAILABLE, _last_line(text)
-    if isinstance(error, TimeoutError):
+    """The gRPC status for an exception raised on the request path, from the cause's type (one line)."""
+    cause = unwrap_cause(error)
+    message = _first_line(f"{type(cause).__name__}: {cause}")
+    if isinstance(cause, _RESOURCE_EXHAUSTED):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, message
+    if isinstance(cause, _UNAVAILABLE):
+        return grpc.StatusCode.UNAVAILABLE, message
+    if isinstance(cause, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "request_timeout_s passed"
-    return grpc.StatusCode.INTERNAL, _last_line(text)
+    return grpc.StatusCode.INTERNAL, message
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "internal error"
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:500] if lines else "internal error"
 
 
 class PDServeServicer:
@@ -91,17 +119,17 @@ class PDServeServicer:
         config = self.path.config
         response = pb.ClusterInfoResponse(
             model=self.path.model.name,
-            block_size=config.block_size,
+            block_size=config.engine.block_size,
             kv_transport="none (colocated)" if config.is_colocated else config.kv_transfer.backend,
             router_policy=config.router.policy,
         )
-        for name, stats in await self.pool_stats():
+        for name, loads in await self.pool_stats():
             pool = response.pools.add(name=name)
-            for item in stats:
-                pool.replicas.add(**{key: item[key] for key in _REPLICA_FIELDS})
+            for load in loads:
+                pool.replicas.add(**{key: getattr(load, key) for key in _REPLICA_FIELDS})
         return response
 
-    async def pool_stats(self) -> list[tuple[str, list[dict[str, Any]]]]:
+    async def pool_stats(self) -> list[tuple[str, list[ReplicaLoad]]]:
         """Fresh stats from every replica of every pool (asked directly, not the routing copies)."""
         pools: list[tuple[str, Any, str]] = [("decode", self.path.decode, DECODE_DEPLOYMENT)]
         if self.path.prefill is not None:
@@ -114,7 +142,7 @@ class PDServeServicer:
             else:
                 calls = [handle.replica_stats.remote(target_replica_id=view.replica_id) for view in views]
                 stats = list(await asyncio.gather(*calls))
-            result.append((name, sorted(stats, key=lambda item: item["replica_id"])))
+            result.append((name, sorted(stats, key=lambda load: load.replica_id)))
         return result
 
     async def _pools_ready(self) -> bool:
@@ -135,7 +163,7 @@ _REPLICA_FIELDS = (
     "kv_blocks_total",
     "kv_blocks_used",
     "kv_blocks_cached",
-    "kv_blocks_free",
+    "kv_blocks_free",  # neither used nor cached (ReplicaLoad's kv_blocks_free)
     "prefix_hit_rate",
 )
 

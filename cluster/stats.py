@@ -1,34 +1,93 @@
-"""One replica's load and KV facts, from the engine's ``EngineStats`` snapshot, as plain numbers.
+"""One replica's load and KV facts (``ReplicaLoad``), from the engine's ``EngineStats`` snapshot.
 
-The same dict is the replica's routing load report (``record_routing_stats``), the source of its
-autoscaling metrics, and one ``ReplicaInfo`` of ``ClusterInfo``.
+The one type for a replica's stats: its routing load report (``record_routing_stats``, read by the
+ingress's routers), the source of its autoscaling metrics (``record_autoscaling_stats``), and one
+``ReplicaInfo`` of ``ClusterInfo``. It travels over Ray pickled as it is (``replica_stats``); only the
+routing report crosses Serve's controller, whose contract is a dict: ``to_routing_stats`` /
+``from_routing_stats`` are the two ends of that one hop.
+
+KV blocks, as the engine counts them: ``kv_blocks_used`` (referenced: running, pinned, reserved for a
+pull) + ``kv_blocks_cached`` (unreferenced, holding a reusable prefix; evictable) + ``kv_blocks_free``
+(neither) = ``kv_blocks_total``; ``kv_blocks_allocatable`` = free + cached is what an allocation may
+take now (the router's KV headroom).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.outputs import EngineStats
 
 
-def replica_stats(stats: Any) -> dict[str, Any]:
-    """``EngineStats`` -> the load-report dict (field names as in ``ReplicaInfo`` of the API)."""
-    prompt_tokens = int(stats.num_prompt_tokens)
-    return {
-        "running_requests": int(stats.num_running),
-        "queued_requests": int(stats.num_waiting),
-        "queued_prefill_tokens": int(stats.num_queued_prefill_tokens),
-        "kv_blocks_total": int(stats.num_blocks_total),
-        "kv_blocks_used": int(stats.num_blocks_used),
-        "kv_blocks_cached": int(stats.num_blocks_cached),
-        # EngineStats.num_blocks_free counts cached blocks too (allocatable); the API reports them apart.
-        "kv_blocks_free": int(stats.num_blocks_total)
-        - int(stats.num_blocks_used)
-        - int(stats.num_blocks_cached),
-        "kv_blocks_allocatable": int(stats.num_blocks_free),
-        "prompt_tokens": prompt_tokens,
-        "cached_tokens": int(stats.num_cached_tokens),
-        "prefix_hit_rate": (int(stats.num_cached_tokens) / prompt_tokens) if prompt_tokens else 0.0,
-        "generated_tokens": int(stats.num_generated_tokens),
-        "preemptions": int(stats.num_preemptions),
-        "reported_at": time.time(),  # the router ignores a report older than the one it holds
-    }
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """A replica's stats at ``reported_at`` (field names as in ``ReplicaInfo`` of the API)."""
+
+    replica_id: str
+    running_requests: int
+    queued_requests: int
+    queued_prefill_tokens: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_blocks_free: int  # neither used nor cached
+    kv_blocks_allocatable: int  # free + cached
+    prompt_tokens: int  # totals since the replica started
+    cached_tokens: int
+    generated_tokens: int
+    preemptions: int
+    reported_at: float  # wall clock (time.time()); the router ignores a report older than the one it holds
+    pinned_requests: int = 0  # prefill: requests whose KV is lent to a decode replica
+    leases_expired: int = 0  # prefill: leases that ended without a release
+    recomputed_requests: int = 0  # decode: pulls that failed and were recomputed here
+
+    @classmethod
+    def from_engine(cls, replica_id: str, stats: EngineStats, **worker_counts: int) -> ReplicaLoad:
+        """``EngineStats`` -> a ``ReplicaLoad``; ``worker_counts``: the pool's own counters above."""
+        return cls(
+            replica_id=replica_id,
+            running_requests=int(stats.num_running),
+            queued_requests=int(stats.num_waiting),
+            queued_prefill_tokens=int(stats.num_queued_prefill_tokens),
+            kv_blocks_total=int(stats.num_blocks_total),
+            kv_blocks_used=int(stats.num_blocks_used),
+            kv_blocks_cached=int(stats.num_blocks_cached),
+            kv_blocks_free=int(stats.num_blocks_free),
+            kv_blocks_allocatable=int(stats.num_blocks_allocatable),
+            prompt_tokens=int(stats.num_prompt_tokens),
+            cached_tokens=int(stats.num_cached_tokens),
+            generated_tokens=int(stats.num_generated_tokens),
+            preemptions=int(stats.num_preemptions),
+            reported_at=time.time(),
+            **worker_counts,
+        )
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Cached prompt tokens / prompt tokens since the replica started (0 before any prompt)."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def kv_blocks_used_fraction(self) -> float:
+        """Blocks held by requests / all blocks (decode's autoscaling metric)."""
+        return self.kv_blocks_used / max(1, self.kv_blocks_total)
+
+    @property
+    def load(self) -> int:
+        """Requests on the replica, running or queued (the Serve router's least-loaded order)."""
+        return self.running_requests + self.queued_requests
+
+    def to_routing_stats(self) -> dict[str, Any]:
+        """The dict Serve's ``record_routing_stats`` contract asks for (``from_routing_stats`` reads it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_routing_stats(cls, stats: dict[str, Any] | None) -> ReplicaLoad | None:
+        """The ``ReplicaLoad`` Serve handed on, or None before the replica's first report."""
+        if not stats:
+            return None
+        return cls(**stats)

@@ -24,7 +24,7 @@ import grpc
 
 from cluster.config import ClusterConfig, GrpcSection, PoolConfig
 from cluster.embedded import EmbeddedCluster
-from prefill_worker.requests import DecodeRequest, SamplingSpec, WorkerRequest
+from worker_common.messages import DecodeRequest, SamplingSpec, WorkerRequest
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from prefill_worker.requests import SamplingSpec
 from protos import pdserve_wire_pb2
+from worker_common.messages import SamplingSpec
 
 MAX_STOP_STRINGS = 16
 MAX_ID_LENGTH = 256

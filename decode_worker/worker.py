@@ -26,23 +26,28 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
-from prefill_worker.engine_loop import EngineLoop, layout_of
-from prefill_worker.requests import DecodeChunk, DecodeRequest
+from worker_common.engine_loop import EngineLoop, layout_of
+from worker_common.messages import DecodeChunk, DecodeRequest, NoKVSpaceError
+from worker_common.protocols import WorkerEngine, WorkerTransport
+
+if TYPE_CHECKING:
+    from engine.outputs import EngineStats, RequestOutput
+    from kv_transfer.base import KVHandle
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["DecodeWorker", "NoKVSpaceError"]
 
-class NoKVSpaceError(RuntimeError):
-    """The decode replica has no free blocks for the request's KV."""
+T = TypeVar("T")
 
 
 @dataclass
 class _Stream:
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
     skip_first_token: bool = False  # recompute path: the client already has the first token
 
 
@@ -51,8 +56,8 @@ class DecodeWorker:
 
     def __init__(
         self,
-        engine: Any,
-        transport: Any,
+        engine: WorkerEngine,
+        transport: WorkerTransport | None,
         worker_id: str,
         backend: str,
         transfer_timeout_s: float,
@@ -94,10 +99,10 @@ class DecodeWorker:
                     yield chunk
         finally:
             self._streams.pop(request_id, None)
-            if not is_finished:
-                self.engine_loop.call(lambda engine: _drop(engine, request_id))
+            if not is_finished:  # cancelled or failed: abort frees running blocks and reserved ones alike
+                self.engine_loop.call(lambda engine: engine.abort_request(request_id))
 
-    def stats(self) -> Any:
+    def stats(self) -> EngineStats:
         """The latest ``EngineStats`` snapshot (refreshed by the engine loop)."""
         return self.engine_loop.stats
 
@@ -126,7 +131,7 @@ class DecodeWorker:
             )
         handle, first_token_id = work.handle, work.first_token_id
 
-        def allocate(engine: Any) -> list[int]:
+        def allocate(engine: WorkerEngine) -> list[int]:
             num_blocks = len(handle.block_ids)
             if not engine.can_allocate_blocks(num_blocks):
                 raise NoKVSpaceError(f"decode replica {self.worker_id}: no room for {num_blocks} KV blocks")
@@ -151,7 +156,7 @@ class DecodeWorker:
             self.num_recomputed += 1
             stream.skip_first_token = True
 
-            def recompute(engine: Any) -> None:
+            def recompute(engine: WorkerEngine) -> None:
                 engine.free_allocated(request.request_id)
                 engine.add_request(request.request_id, prompt, params, tenant=request.tenant)
 
@@ -167,10 +172,11 @@ class DecodeWorker:
             error=error,
         )
 
-    def _pull(self, handle: Any, local_ids: list[int]) -> str | None:
+    def _pull(self, handle: KVHandle, local_ids: list[int]) -> str | None:
         """Pull ``handle``'s blocks into ``local_ids`` (helper thread); the error text, or None when DONE."""
         from kv_transfer.base import TransferStatus
 
+        assert self.transport is not None, "colocated replicas never pull"
         try:
             transfer = self.transport.read_blocks(handle, local_ids)
             status = transfer.wait(self.transfer_timeout_s)
@@ -180,12 +186,12 @@ class DecodeWorker:
             return None
         return transfer.error or f"transfer ended {status.value}"
 
-    async def _call(self, fn: Any) -> Any:
+    async def _call(self, fn: Callable[[WorkerEngine], T]) -> T:
         return await asyncio.wrap_future(self.engine_loop.call(fn))
 
     # ---- streaming ------------------------------------------------------------------------------
 
-    async def _next_items(self, stream: _Stream) -> list[Any]:
+    async def _next_items(self, stream: _Stream) -> list[RequestOutput | BaseException]:
         """Wait for the next outputs; under load, keep collecting until the message is worth sending.
 
         With N streams open on this replica a message waits for ``ceil(N / coalesce_every_streams)``
@@ -208,7 +214,7 @@ class DecodeWorker:
             num_tokens = _num_tokens(items)
         return items
 
-    def _coalesce(self, items: list[Any], stream: _Stream) -> DecodeChunk:
+    def _coalesce(self, items: list[RequestOutput | BaseException], stream: _Stream) -> DecodeChunk:
         """Merge the first queued item with everything else queued right now into one chunk."""
         while not stream.queue.empty():
             items.append(stream.queue.get_nowait())
@@ -227,12 +233,12 @@ class DecodeWorker:
                 chunk.finish_reason = item.finish_reason
         return chunk
 
-    def _on_outputs(self, outputs: list[Any]) -> None:
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         """Engine thread: hand one step's outputs to the event loop in a single callback."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _deliver(self, outputs: list[Any]) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -248,15 +254,9 @@ class DecodeWorker:
             stream.queue.put_nowait(error)
 
 
-def _num_tokens(items: list[Any]) -> int:
+def _num_tokens(items: list[RequestOutput | BaseException]) -> int:
     return sum(len(item.new_token_ids) for item in items if not isinstance(item, BaseException))
 
 
-def _is_final(item: Any) -> bool:
+def _is_final(item: RequestOutput | BaseException) -> bool:
     return isinstance(item, BaseException) or bool(item.finished)
-
-
-def _drop(engine: Any, request_id: str) -> None:
-    """Forget ``request_id`` on the engine wherever it is: running, or blocks reserved for a pull."""
-    engine.abort_request(request_id)
-    engine.free_allocated(request_id)

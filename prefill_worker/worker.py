@@ -4,12 +4,14 @@ Queues a request passes through, in order:
 1. ``prefill()`` (the replica's event loop) registers an asyncio future in ``_pending`` and posts
    ``add_request(prefill_only=True)`` to the engine thread (``EngineLoop.call``).
 2. The engine thread schedules it (chunked prefill, batched with other prompts, prefix cache reuse);
-   when its first token comes out, ``_on_outputs`` reads the pinned block ids, starts a lease and
-   resolves the future through ``call_soon_threadsafe``.
+   when its first token comes out, the engine says why it left: "prefilled" (decode goes on) or the stop
+   rule that token met (the stop rules live in the engine only). ``_on_outputs`` then starts a lease on
+   the pinned blocks (prefilled) or unpins them at once (ended), and resolves the future through
+   ``call_soon_threadsafe``.
 3. ``prefill()`` returns a ``PrefillResult`` with a ``KVHandle`` (endpoint, block ids, token count,
-   layout, lease expiry). The blocks stay pinned until ``release()`` (the decode side has pulled them)
-   or ``abort()`` (client gone), or until the lease expires (checked in ``_expire_leases`` on every loop
-   turn). Full blocks then stay in the prefix cache for later prompts.
+   layout, lease expiry) in ``_leases``. The blocks stay pinned until ``release()`` (the decode side has
+   pulled them) or ``abort()`` (client gone), or until the lease expires (checked in ``_expire_leases``
+   on every loop turn). Full blocks then stay in the prefix cache for later prompts.
 
 A cancelled ``prefill()`` (the client went away while it was queued or running) aborts the request on
 the engine, which frees or unpins its blocks.
@@ -21,11 +23,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kv_transfer.base import KVHandle, TransferEndpoint
-from prefill_worker.engine_loop import EngineLoop, layout_of
-from prefill_worker.requests import PrefillResult, SamplingSpec, WorkerRequest
+from worker_common.engine_loop import EngineLoop, layout_of
+from worker_common.messages import PrefillResult, WorkerRequest
+from worker_common.protocols import WorkerEngine, WorkerTransport
+
+if TYPE_CHECKING:
+    from engine.outputs import EngineStats, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -39,40 +45,19 @@ class _PendingPrefill:
     added: float = 0.0  # when the engine thread took the request
 
 
-def first_token_finish(
-    token_id: int,
-    sampling: SamplingSpec,
-    eos_token_id: int | None,
-    num_prompt_tokens: int,
-    max_model_len: int,
-) -> str | None:
-    """Why the request ends with its first token, or None when decoding should go on."""
-    if not sampling.ignore_eos and eos_token_id is not None and token_id == eos_token_id:
-        return "eos"
-    if token_id in sampling.stop_token_ids:
-        return "stop"
-    if sampling.max_tokens <= 1:
-        return "length"
-    if num_prompt_tokens + 1 >= max_model_len:
-        return "context"
-    return None
-
-
 class PrefillWorker:
     """Plain prefill logic around one engine and one KV transport (no Ray here)."""
 
     def __init__(
         self,
-        engine: Any,
-        transport: Any,
+        engine: WorkerEngine,
+        transport: WorkerTransport,
         worker_id: str,
         dtype: str,
         block_size: int,
         lease_s: float,
-        max_model_len: int,
     ) -> None:
         self.engine = engine
-        self.max_model_len = max_model_len
         self.transport = transport
         self.worker_id = worker_id
         self.lease_s = lease_s
@@ -94,7 +79,7 @@ class PrefillWorker:
         self._pending[request.request_id] = pending
         params = request.sampling.to_engine()
 
-        def add(engine: Any) -> None:
+        def add(engine: WorkerEngine) -> None:
             pending.added = time.perf_counter()
             engine.add_request(
                 request.request_id,
@@ -110,7 +95,7 @@ class PrefillWorker:
         except BaseException:
             # Cancelled (client gone) or failed: nothing may stay pinned or queued for this request.
             self._pending.pop(request.request_id, None)
-            self.engine_loop.call(lambda engine: self._drop(engine, request.request_id))
+            self.engine_loop.call(lambda engine: self._abort(engine, request.request_id))
             raise
 
     async def release(self, request_id: str) -> bool:
@@ -124,9 +109,9 @@ class PrefillWorker:
         pending = self._pending.pop(request_id, None)
         if pending is not None and not pending.future.done():
             pending.future.cancel()
-        await asyncio.wrap_future(self.engine_loop.call(lambda engine: self._drop(engine, request_id)))
+        await asyncio.wrap_future(self.engine_loop.call(lambda engine: self._abort(engine, request_id)))
 
-    def stats(self) -> Any:
+    def stats(self) -> EngineStats:
         """The latest ``EngineStats`` snapshot (refreshed by the engine loop)."""
         return self.engine_loop.stats
 
@@ -140,43 +125,34 @@ class PrefillWorker:
 
     # ---- engine thread -------------------------------------------------------------------------
 
-    def _on_outputs(self, outputs: list[Any]) -> None:
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             if not output.finished:
                 continue
             pending = self._pending.pop(output.request_id, None)
-            if pending is None:  # aborted meanwhile: _drop has run or will run
+            if pending is None:  # aborted meanwhile: _abort has run or will run
                 continue
             result = self._result_for(output, pending)
             pending.loop.call_soon_threadsafe(_resolve, pending.future, result)
 
-    def _result_for(self, output: Any, pending: _PendingPrefill) -> PrefillResult:
+    def _result_for(self, output: RequestOutput, pending: _PendingPrefill) -> PrefillResult:
+        """The engine's answer as a ``PrefillResult``: a lease and a handle when prefilled, else unpinned."""
         request = pending.request
         now = time.perf_counter()
-        first_token_id = int(output.new_token_ids[0])
         num_prompt_tokens = len(request.prompt_token_ids)
-        # "stop"/"eos" from the engine are real; its "length" also marks the end of every prefill_only run.
-        finish_reason = output.finish_reason if output.finish_reason in ("stop", "eos") else None
-        finish_reason = finish_reason or first_token_finish(
-            first_token_id,
-            request.sampling,
-            self.engine.tokenizer.eos_token_id,
-            num_prompt_tokens,
-            self.max_model_len,
-        )
         handle = None
-        if finish_reason is None:
+        if output.is_prefilled:
             block_ids = tuple(self.engine.pinned_blocks(request.request_id))
             expires = time.time() + self.lease_s
             self._leases[request.request_id] = expires
             handle = KVHandle(request.request_id, self.endpoint, block_ids, num_prompt_tokens, expires)
-        else:
+        else:  # the first token ended the request (stop, eos, length, context): nothing to lend
             self.engine.release_pinned(request.request_id)
         return PrefillResult(
             request_id=request.request_id,
             replica_id=self.worker_id,
-            first_token_id=first_token_id,
-            finish_reason=finish_reason,
+            first_token_id=int(output.new_token_ids[0]),
+            finish_reason=str(output.finish_reason),
             handle=handle,
             num_prompt_tokens=num_prompt_tokens,
             num_cached_tokens=int(output.num_cached_tokens),
@@ -184,13 +160,14 @@ class PrefillWorker:
             prefill_ms=(now - pending.added) * 1e3,
         )
 
-    def _unpin(self, engine: Any, request_id: str) -> bool:
+    def _unpin(self, engine: WorkerEngine, request_id: str) -> bool:
         if self._leases.pop(request_id, None) is None:
             return False
         engine.release_pinned(request_id)
         return True
 
-    def _drop(self, engine: Any, request_id: str) -> None:
+    def _abort(self, engine: WorkerEngine, request_id: str) -> None:
+        """End the lease (if any) and abort: the engine frees, unpins or dequeues the request's blocks."""
         self._leases.pop(request_id, None)
         engine.abort_request(request_id)
 

@@ -122,8 +122,8 @@ async def _streams_killing_prefill(
 def _decode_blocks_held(app_name: str) -> int:
     from ray import serve
 
-    stats = serve.get_deployment_handle("DecodeDeployment", app_name).replica_stats.remote().result()
-    return int(stats["kv_blocks_used"])
+    load = serve.get_deployment_handle("DecodeDeployment", app_name).replica_stats.remote().result()
+    return load.kv_blocks_used
 
 
 def _prefill_replicas_when_up(address: str, old_replica: str, within_s: float) -> list[str]:

@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 import pytest
 
-from prefill_worker.requests import SamplingSpec, WorkerRequest
 from protos import pdserve_pb2 as pb
 from tests.integration.int_helpers import (
     cluster_config,
@@ -28,6 +27,7 @@ from tests.integration.int_helpers import (
     run_many,
     wait_until_no_blocks_held,
 )
+from worker_common.messages import SamplingSpec, WorkerRequest
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +54,9 @@ def _check_tokens(requests: list[pb.GenerateRequest], results: list[Any]) -> Non
 
 
 async def _queued(handle: Any, replica_id: str) -> int:
-    stats = await handle.replica_stats.remote(target_replica_id=replica_id)
-    assert stats["replica_id"] == replica_id
-    return int(stats["queued_prefill_tokens"])
+    load = await handle.replica_stats.remote(target_replica_id=replica_id)
+    assert load.replica_id == replica_id
+    return load.queued_prefill_tokens
 
 
 async def _hold_and_route(address: str, app_name: str, owner: str) -> dict[str, Any]:

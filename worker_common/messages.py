@@ -1,16 +1,21 @@
 """The small, picklable messages that travel between the ingress and the workers over Ray.
 
 Only control data: token ids, sampling parameters, a ``KVHandle`` (block ids and an endpoint), timings.
-KV bytes never travel here. The decode worker imports these too.
+KV bytes never travel here. Both workers and the ingress import these; the module stays torch-free.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from engine.sampling import SamplingParams
     from kv_transfer.base import KVHandle
+
+
+class NoKVSpaceError(RuntimeError):
+    """A decode replica has no free blocks for a request's KV (the ingress answers RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ class SamplingSpec:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
-    def to_engine(self) -> Any:
+    def to_engine(self) -> SamplingParams:
         """The engine's ``SamplingParams`` for these values."""
         from engine.sampling import SamplingParams
 
@@ -60,12 +65,19 @@ class PrefillResult:
     request_id: str
     replica_id: str
     first_token_id: int
-    finish_reason: str | None  # set when the first token ends the request (eos, stop id, max_tokens 1)
+    # The engine's answer, never re-derived: "prefilled" (decode goes on from ``handle``), or why the first
+    # token ends the request ("stop", "eos", "length", "context").
+    finish_reason: str
     handle: KVHandle | None  # pinned KV for the decode side; None when nothing is left to decode
     num_prompt_tokens: int
     num_cached_tokens: int
     queue_ms: float  # arrival at the replica -> first prefill step
     prefill_ms: float  # first prefill step -> first token
+
+    @property
+    def is_prefilled(self) -> bool:
+        """The first token did not end the request: a decode replica continues from ``handle``."""
+        return self.handle is not None
 
 
 @dataclass(frozen=True)
@@ -93,4 +105,3 @@ class DecodeChunk:
     queue_ms: float = 0.0
     prefill_ms: float = 0.0  # colocated / recompute only
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -9,7 +9,7 @@ one ``call_soon_threadsafe`` per step). ``housekeeping`` runs after every step a
 ``idle_wait_s`` (prefill leases expire there). ``stats`` is a snapshot refreshed by the loop, so
 readers never touch the engine.
 
-The decode worker imports this module too: it is the one engine-loop both workers share.
+Both workers import this module: it is the one engine loop they share.
 """
 
 from __future__ import annotations
@@ -20,15 +20,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kv_transfer.base import LayoutSignature
+from worker_common.protocols import WorkerEngine
+
+if TYPE_CHECKING:
+    from engine.outputs import EngineStats, RequestOutput
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OutputsCallback = Callable[[list[Any]], None]
+OutputsCallback = Callable[[list["RequestOutput"]], None]
 
 
 class EngineLoop:
@@ -36,7 +40,7 @@ class EngineLoop:
 
     def __init__(
         self,
-        engine: Any,
+        engine: WorkerEngine,
         on_outputs: OutputsCallback,
         housekeeping: Callable[[], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
@@ -48,11 +52,11 @@ class EngineLoop:
         self._housekeeping = housekeeping
         self._on_failure = on_failure
         self._idle_wait_s = idle_wait_s
-        self._commands: queue.SimpleQueue[tuple[Callable[[Any], Any], concurrent.futures.Future[Any]]] = (
-            queue.SimpleQueue()
-        )
+        self._commands: queue.SimpleQueue[
+            tuple[Callable[[WorkerEngine], Any], concurrent.futures.Future[Any]]
+        ] = queue.SimpleQueue()
         self._stopping = threading.Event()
-        self.stats: Any = engine.stats()
+        self.stats: EngineStats = engine.stats()
         self.num_steps = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -68,7 +72,7 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def call(self, fn: Callable[[Any], T]) -> concurrent.futures.Future[T]:
+    def call(self, fn: Callable[[WorkerEngine], T]) -> concurrent.futures.Future[T]:
         """Run ``fn(engine)`` on the engine thread before its next step."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._commands.put((fn, future))
@@ -110,7 +114,7 @@ class EngineLoop:
                 return
 
 
-def layout_of(engine: Any, dtype: str, block_size: int) -> LayoutSignature:
+def layout_of(engine: WorkerEngine, dtype: str, block_size: int) -> LayoutSignature:
     """The KV layout signature of ``engine``'s pool ``[num_blocks, layers, 2, block, kv_heads, head_dim]``."""
     _, num_layers, _, _, num_kv_heads, head_dim = engine.kv_cache.shape
     return LayoutSignature(
