@@ -46,7 +46,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
@@ -58,40 +60,32 @@ KV_BLOCKS_USED_FRACTION = "kv_blocks_used_fraction"
 PREFILL_POLICY_PATH = "cluster.autoscaling:prefill_policy"
 DECODE_POLICY_PATH = "cluster.autoscaling:decode_policy"
 
+# Config models: unknown fields refused, frozen, no coercion (an int is still a valid float).
+_FROZEN = ConfigDict(extra="forbid", frozen=True, strict=True)
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
-@dataclass(frozen=True)
-class MetricTarget:
+
+class MetricTarget(BaseModel):
     """One metric a pool scales on and the value per replica it should settle at."""
 
-    name: str
-    target_per_replica: float  # the operating point, in the metric's own unit (tokens, requests, fraction)
+    model_config = _FROZEN
 
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("MetricTarget.name must be a non-empty metric name")
-        if not (math.isfinite(self.target_per_replica) and self.target_per_replica > 0):
-            raise ValueError(
-                f"MetricTarget.target_per_replica for {self.name!r} must be a finite number > 0, "
-                f"got {self.target_per_replica!r}"
-            )
+    name: str = Field(min_length=1)
+    target_per_replica: PositiveFinite  # the operating point, in the metric's own unit
+
+    def __init__(self, name: str, target_per_replica: float) -> None:
+        super().__init__(name=name, target_per_replica=target_per_replica)
 
 
-@dataclass(frozen=True)
-class HysteresisBand:
+class HysteresisBand(BaseModel):
     """Utilization band (load / replicas, 1.0 = every replica at its target) where nothing changes."""
 
-    downscale_threshold: float = 0.5  # scale down only below this utilization
-    upscale_threshold: float = 1.2  # scale up only above this utilization
+    model_config = _FROZEN
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.downscale_threshold < 1.0:
-            raise ValueError(
-                f"downscale_threshold must be in [0, 1), got {self.downscale_threshold!r}"
-            )
-        if not (math.isfinite(self.upscale_threshold) and self.upscale_threshold >= 1.0):
-            raise ValueError(
-                f"upscale_threshold must be a finite number >= 1, got {self.upscale_threshold!r}"
-            )
+    # scale down only below this utilization, in [0, 1)
+    downscale_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    # scale up only above this utilization, >= 1 (so the band never inverts)
+    upscale_threshold: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = 1.2
 
 
 @dataclass(frozen=True)
@@ -168,81 +162,48 @@ def decide_num_replicas(
 # ---- per-pool configuration (Serve: autoscaling_config.policy.policy_kwargs) ----
 
 
-@dataclass(frozen=True)
-class PrefillPolicyConfig:
+class _PolicyConfig(HysteresisBand):
+    """A pool policy's knobs: its hysteresis band plus per-pool targets (``targets``)."""
+
+    def band(self) -> HysteresisBand:
+        """The hysteresis band."""
+        return HysteresisBand(
+            downscale_threshold=self.downscale_threshold, upscale_threshold=self.upscale_threshold
+        )
+
+
+class PrefillPolicyConfig(_PolicyConfig):
     """Knobs of the prefill pool policy; every field can be set in ``policy_kwargs``."""
 
     # Prompt tokens waiting per replica at the operating point: about (prefill tokens/s of one replica)
     # x (queueing delay you accept before TTFT suffers). 8192 ~ 0.25 s on an H100 for an 8B model.
-    target_queued_prefill_tokens_per_replica: float = 8192.0
+    target_queued_prefill_tokens_per_replica: PositiveFinite = 8192.0
     # Requests admitted or queued per replica at the operating point.
-    target_running_requests_per_replica: float = 16.0
-    downscale_threshold: float = 0.5
-    upscale_threshold: float = 1.2
-
-    def __post_init__(self) -> None:
-        self.targets()  # validates the targets, naming the field
-        self.band()
+    target_running_requests_per_replica: PositiveFinite = 16.0
 
     def targets(self) -> tuple[MetricTarget, ...]:
         """The metrics this pool scales on."""
         return (
-            _target(QUEUED_PREFILL_TOKENS, self.target_queued_prefill_tokens_per_replica,
-                    "target_queued_prefill_tokens_per_replica"),
-            _target(RUNNING_REQUESTS, self.target_running_requests_per_replica,
-                    "target_running_requests_per_replica"),
+            MetricTarget(QUEUED_PREFILL_TOKENS, self.target_queued_prefill_tokens_per_replica),
+            MetricTarget(RUNNING_REQUESTS, self.target_running_requests_per_replica),
         )
 
-    def band(self) -> HysteresisBand:
-        """The hysteresis band."""
-        return _band(self.downscale_threshold, self.upscale_threshold)
 
-
-@dataclass(frozen=True)
-class DecodePolicyConfig:
+class DecodePolicyConfig(_PolicyConfig):
     """Knobs of the decode pool policy; every field can be set in ``policy_kwargs``."""
 
     # Fraction of KV blocks in use per replica at the operating point; the band's upper edge
     # (0.7 x 1.2 = 0.84 by default) leaves room for running sequences to grow before preemption.
-    target_kv_blocks_used_fraction: float = 0.7
+    target_kv_blocks_used_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
     # Sequences in the continuous batch per replica at the operating point (bandwidth-bound step time).
-    target_running_requests_per_replica: float = 64.0
-    downscale_threshold: float = 0.5
-    upscale_threshold: float = 1.2
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.target_kv_blocks_used_fraction <= 1.0:
-            raise ValueError(
-                "target_kv_blocks_used_fraction must be in (0, 1], got "
-                f"{self.target_kv_blocks_used_fraction!r}"
-            )
-        self.targets()
-        self.band()
+    target_running_requests_per_replica: PositiveFinite = 64.0
 
     def targets(self) -> tuple[MetricTarget, ...]:
         """The metrics this pool scales on."""
         return (
-            _target(KV_BLOCKS_USED_FRACTION, self.target_kv_blocks_used_fraction,
-                    "target_kv_blocks_used_fraction"),
-            _target(RUNNING_REQUESTS, self.target_running_requests_per_replica,
-                    "target_running_requests_per_replica"),
+            MetricTarget(KV_BLOCKS_USED_FRACTION, self.target_kv_blocks_used_fraction),
+            MetricTarget(RUNNING_REQUESTS, self.target_running_requests_per_replica),
         )
-
-    def band(self) -> HysteresisBand:
-        """The hysteresis band."""
-        return _band(self.downscale_threshold, self.upscale_threshold)
-
-
-def _target(metric: str, value: float, field: str) -> MetricTarget:
-    try:
-        return MetricTarget(metric, float(value))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{field}: must be a finite number > 0, got {value!r}") from e
-
-
-def _band(downscale_threshold: float, upscale_threshold: float) -> HysteresisBand:
-    # HysteresisBand's ranges ([0, 1) and >= 1) already keep downscale below upscale.
-    return HysteresisBand(float(downscale_threshold), float(upscale_threshold))
 
 
 PolicyConfig = TypeVar("PolicyConfig", PrefillPolicyConfig, DecodePolicyConfig)
@@ -250,13 +211,7 @@ PolicyConfig = TypeVar("PolicyConfig", PrefillPolicyConfig, DecodePolicyConfig)
 
 def policy_config_from_kwargs(config_type: type[PolicyConfig], kwargs: Mapping[str, Any]) -> PolicyConfig:
     """Build and validate a policy config from ``policy_kwargs``; unknown keys are errors naming the key."""
-    known = {f.name for f in dataclasses.fields(config_type)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ValueError(
-            f"{config_type.__name__}: unknown policy_kwargs field(s) {unknown}; known: {sorted(known)}"
-        )
-    return config_type(**kwargs)
+    return config_type.model_validate(dict(kwargs))
 
 
 @lru_cache(maxsize=64)

@@ -1,4 +1,4 @@
-"""The KV pool tensor and its memory math."""
+"""The KV pool tensor; its memory math is ``engine.kv_memory``'s."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kv_memory import KVShape
 from engine.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+# (shape, dtype, device) -> the pool tensor, e.g. a transport's allocate_pool (registered memory)
+KVAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,21 @@ class KVCacheLayout:
         return (self.num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
+    def kv_shape(self) -> KVShape:
+        return KVShape(self.num_layers, self.num_kv_heads, self.head_dim, dtype_name(self.dtype))
+
+    @property
     def bytes_per_token(self) -> int:
-        """2 (K and V) x layers x kv heads x head dim x dtype size."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return self.kv_shape.bytes_per_token
 
     @property
     def block_bytes(self) -> int:
-        return self.bytes_per_token * self.block_size
+        return self.kv_shape.block_bytes(self.block_size)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the names of ``engine.kv_memory.DTYPES``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def plan_kv_cache(
@@ -48,7 +58,7 @@ def plan_kv_cache(
 ) -> KVCacheLayout:
     """As many blocks as fit ``kv_cache_bytes``; logs the math."""
     probe = KVCacheLayout(1, model.num_layers, block_size, model.num_kv_heads, model.head_dim, dtype)
-    num_blocks = kv_cache_bytes // probe.block_bytes
+    num_blocks = probe.kv_shape.num_blocks(kv_cache_bytes, block_size)
     if num_blocks < 1:
         raise ValueError(
             f"kv_cache_bytes ({kv_cache_bytes}) is smaller than one block ({probe.block_bytes} bytes)"
@@ -77,14 +87,16 @@ def plan_kv_cache(
 def allocate_kv_cache(
     layout: KVCacheLayout, device: torch.device, allocator: KVAllocator | None
 ) -> torch.Tensor:
-    """The pool tensor: from ``allocator(shape, dtype)`` (e.g. transport-registered memory) or torch.zeros."""
+    """The pool tensor on ``device``: from ``allocator(shape, dtype, device)`` (e.g. transport-registered
+    memory) or torch.zeros."""
     if allocator is None:
         return torch.zeros(layout.shape, dtype=layout.dtype, device=device)
-    pool = allocator(layout.shape, layout.dtype)
-    if tuple(pool.shape) != layout.shape or pool.dtype != layout.dtype or not pool.is_contiguous():
+    pool = allocator(layout.shape, layout.dtype, device)
+    is_expected = tuple(pool.shape) == layout.shape and pool.dtype == layout.dtype and pool.is_contiguous()
+    if not is_expected or pool.device.type != device.type:
         raise ValueError(
-            f"kv_allocator returned {tuple(pool.shape)} {pool.dtype}; "
-            f"expected contiguous {layout.shape} {layout.dtype}"
+            f"kv_allocator returned {tuple(pool.shape)} {pool.dtype} on {pool.device}; "
+            f"expected contiguous {layout.shape} {layout.dtype} on {device}"
         )
     # Masked attention still multiplies stale slots: they must hold finite numbers, never NaN garbage.
     pool.zero_()

@@ -1,4 +1,4 @@
-"""Router configuration: one frozen, validated dataclass.
+"""Router configuration: one frozen, validated pydantic model.
 
 Watermarks are in **queued prefill tokens** (what a prefill worker still has to compute: the uncached
 tokens of its waiting requests plus what is left of the running ones), because that is what turns
@@ -19,21 +19,26 @@ use the absolute floor alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
-POLICIES = ("prefix_hash", "round_robin", "least_loaded", "consistent_hash")
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RouterPolicy = Literal["prefix_hash", "round_robin", "least_loaded", "consistent_hash"]
+"""The router's policies: the one list of their names."""
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class RouterConfig:
-    """How the router picks prefill and decode workers.
+class RouterConfig(BaseModel):
+    """How the router picks prefill and decode workers (the cluster YAML's ``router:`` section).
 
     Attributes:
         policy: ``"prefix_hash"`` (ring owner of the prompt's prefix key, load-watermark fallback),
             ``"round_robin"``, ``"least_loaded"`` (fewest queued prefill tokens) or
             ``"consistent_hash"`` (ring owner always, no load fallback; a baseline).
         block_size: tokens per KV block; must equal the engine's block size so the prefix key is
-            the chain hash the workers compute.
+            the chain hash the workers compute (the cluster config derives it from ``engine.block_size``).
         prefix_depth_blocks: how many leading full blocks the prefix key covers (fewer if the prompt
             has fewer). Deep enough to get past prompts' shared preamble (system prompt) so that
             distinct conversations spread over the ring; each block costs one BLAKE2b call (~2 us).
@@ -44,47 +49,42 @@ class RouterConfig:
             tokens (bounded load, ``1 + epsilon``); 0 disables the relative part.
         low_load_factor: relative low watermark; below ``high_load_factor`` when that is on.
         hash_seed: seeds the ring's virtual-node positions; every ingress replica must use the same.
+        load_report_period_s: how often replicas publish the load reports the router reads.
     """
 
-    policy: str = "prefix_hash"
-    block_size: int = 16
-    prefix_depth_blocks: int = 4
-    virtual_nodes: int = 256
-    high_watermark_tokens: int = 8192
-    low_watermark_tokens: int = 4096
-    high_load_factor: float = 1.5
-    low_load_factor: float = 1.2
-    hash_seed: str = "pdserve/ring/v1"
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.prefix_depth_blocks <= 0:
-            raise ValueError(f"prefix_depth_blocks must be positive, got {self.prefix_depth_blocks}")
-        if self.virtual_nodes <= 0:
-            raise ValueError(f"virtual_nodes must be positive, got {self.virtual_nodes}")
-        if self.low_watermark_tokens < 0:
-            raise ValueError(f"low_watermark_tokens must be >= 0, got {self.low_watermark_tokens}")
+    policy: RouterPolicy = "prefix_hash"
+    block_size: PositiveInt = 16
+    prefix_depth_blocks: PositiveInt = 4
+    virtual_nodes: PositiveInt = 256
+    high_watermark_tokens: int = 8192
+    low_watermark_tokens: Annotated[int, Field(ge=0)] = 4096
+    high_load_factor: NonNegative = 1.5
+    low_load_factor: NonNegative = 1.2
+    hash_seed: str = Field("pdserve/ring/v1", min_length=1)
+    load_report_period_s: Annotated[float, Field(gt=0)] = 0.2
+
+    @model_validator(mode="after")
+    def _check_watermarks(self) -> RouterConfig:
         if self.high_watermark_tokens <= self.low_watermark_tokens:
             raise ValueError(
-                f"high_watermark_tokens ({self.high_watermark_tokens}) must be above "
-                f"low_watermark_tokens ({self.low_watermark_tokens})"
+                f"high_watermark_tokens: must be above low_watermark_tokens ({self.low_watermark_tokens}), "
+                f"got {self.high_watermark_tokens}"
             )
         if self.high_load_factor != 0 and self.high_load_factor < 1:
-            raise ValueError(f"high_load_factor must be 0 (off) or >= 1, got {self.high_load_factor}")
-        if self.low_load_factor < 0:
-            raise ValueError(f"low_load_factor must be >= 0, got {self.low_load_factor}")
+            raise ValueError(f"high_load_factor: must be 0 (off) or >= 1, got {self.high_load_factor}")
         if self.high_load_factor == 0 and self.low_load_factor != 0:
-            raise ValueError("low_load_factor must be 0 when high_load_factor is 0 (relative watermark off)")
+            raise ValueError(
+                f"low_load_factor: must be 0 when high_load_factor is 0 (relative watermark off), "
+                f"got {self.low_load_factor}"
+            )
         if self.high_load_factor != 0 and self.low_load_factor >= self.high_load_factor:
             raise ValueError(
-                f"low_load_factor ({self.low_load_factor}) must be below "
-                f"high_load_factor ({self.high_load_factor})"
+                f"low_load_factor: must be below high_load_factor ({self.high_load_factor}), "
+                f"got {self.low_load_factor}"
             )
-        if not self.hash_seed:
-            raise ValueError("hash_seed must be a non-empty string")
+        return self
 
     @property
     def prefix_depth_tokens(self) -> int:

@@ -204,7 +204,7 @@ def run(args: ReplaySettings) -> int:
         "block_tokens": args.block_tokens,
         "prefill_tokens_per_s": round(cost.prefill_tokens_per_s, 1),
         "overhead_s": cost.overhead_s,
-        "pdserve_config": asdict(config),
+        "pdserve_config": config.model_dump(),
         "elapsed_s": round(elapsed, 2),
     }
     if args.json:

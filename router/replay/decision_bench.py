@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from router.config import RouterConfig
 from router.load import LoadReport
@@ -74,7 +74,7 @@ def run_decision_bench(
     prompts = _prompts(num_prompts, prompt_tokens, seed)
     results = []
     for depth in depths:
-        router_config = replace(base, policy="prefix_hash", prefix_depth_blocks=depth)
+        router_config = base.model_copy(update={"policy": "prefix_hash", "prefix_depth_blocks": depth})
         rates = []
         for with_decode in (False, True):
             best = 0.0

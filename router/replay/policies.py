@@ -26,7 +26,6 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Hashable
-from dataclasses import replace
 
 from router.config import RouterConfig
 from router.load import LoadReport
@@ -197,7 +196,7 @@ def make_replay_policy(name: str, pdserve_config: RouterConfig) -> ReplayPolicy:
         "pdserve": "prefix_hash",
     }
     if name in router_policies:
-        config = replace(pdserve_config, policy=router_policies[name])
+        config = pdserve_config.model_copy(update={"policy": router_policies[name]})
         return RouterPolicy(name, config)
     if name == "sglang_cache_aware":
         return SGLangCacheAware()

@@ -33,8 +33,9 @@ def test_memory_math_is_logged_and_sizes_the_pool(caplog: pytest.LogCaptureFixtu
 def test_kv_allocator_memory_is_the_pool() -> None:
     handed_out: list[torch.Tensor] = []
 
-    def allocator(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.full(shape, float("nan"), dtype=dtype)  # garbage: the engine must zero it
+    def allocator(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        # garbage: the engine must zero it
+        tensor = torch.full(shape, float("nan"), dtype=dtype, device=device)
         handed_out.append(tensor)
         return tensor
 
