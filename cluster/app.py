@@ -32,7 +32,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 
 def build_application(config: ClusterConfig) -> Application:
-    """The bound application for ``config``."""
+    """The bound application for ``config``.
+
+    A pool's ``device: cuda`` is checked where its replicas start (each replica, and ``EmbeddedCluster``
+    on its own machine), not here: on KubeRay this builder runs on a head node that may have no GPU."""
     config_dict = config.to_dict()
     decode = _deployment(DecodeDeployment, DECODE_DEPLOYMENT, config.decode, config).bind(config_dict)
     prefill = None
@@ -43,16 +46,24 @@ def build_application(config: ClusterConfig) -> Application:
         name=INGRESS_DEPLOYMENT,
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus, "num_gpus": config.ingress.num_gpus},
+        ray_actor_options=_actor_options(config.ingress),
     )
     return ingress.bind(config_dict, prefill, decode)
+
+
+def _actor_options(pool: PoolConfig) -> dict[str, Any]:
+    """Ray resources of one replica: CPUs, GPUs and the pool's custom resources (node placement)."""
+    options: dict[str, Any] = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+    if pool.resources:
+        options["resources"] = dict(pool.resources)
+    return options
 
 
 def _deployment(cls: type, name: str, pool: PoolConfig, config: ClusterConfig) -> Any:
     options: dict[str, Any] = {
         "name": name,
         "max_ongoing_requests": pool.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+        "ray_actor_options": _actor_options(pool),
         "request_router_config": RequestRouterConfig(
             request_router_class="cluster.routing.TargetedRequestRouter",
             request_routing_stats_period_s=config.router.load_report_period_s,
@@ -68,8 +79,17 @@ def _deployment(cls: type, name: str, pool: PoolConfig, config: ClusterConfig) -
             "initial_replicas": pool.min_replicas,
             "upscale_delay_s": 2.0,
             "downscale_delay_s": 30.0,
-            "policy": {"policy_function": AUTOSCALING_POLICIES[name]},
+            "policy": {
+                "policy_function": AUTOSCALING_POLICIES[name],
+                "policy_kwargs": _policy_kwargs(config, name),
+            },
         }
     else:
         options["num_replicas"] = pool.num_replicas
     return serve.deployment(cls, **options)
+
+
+def _policy_kwargs(config: ClusterConfig, name: str) -> dict[str, Any]:
+    """The pool policy's knobs from the cluster's ``autoscaling`` section (only the ones set there)."""
+    policy = config.autoscaling.prefill if name == PREFILL_DEPLOYMENT else config.autoscaling.decode
+    return policy.model_dump(exclude_unset=True)

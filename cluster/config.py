@@ -1,234 +1,256 @@
-"""Cluster configuration: one YAML file -> one frozen, validated ``ClusterConfig``.
+"""Cluster configuration: one YAML file -> one frozen, validated ``ClusterConfig`` (pydantic models).
 
-Every section is a frozen dataclass validated in ``__post_init__`` with messages that name the field.
-``load_config`` refuses unknown or mistyped keys (``ConfigError`` naming the dotted path, e.g.
-``decode.num_replcas: unknown field``), so a typo never silently falls back to a default.
+``ClusterConfig`` holds each component's own config model as is: ``engine`` is ``engine.config.EngineConfig``,
+``router`` is ``router.config.RouterConfig``, ``kv_transfer`` is one of ``kv_transfer.config``'s backend
+models (picked by ``backend``), ``autoscaling`` holds the pool policies' configs of ``cluster.autoscaling``.
+Only what is the cluster's own is declared here: the mode, the pools, the gRPC server, a few timeouts.
+Every model refuses unknown fields and mistyped values; ``load_config`` / ``config_from_dict`` turn
+pydantic's errors into a ``ConfigError`` that starts with the dotted path, e.g.
+``decode.num_replcas: unknown field``, so a typo never silently falls back to a default.
 
 Example (every field optional)::
 
-    model: pdserve-builtin-tiny      # or a local HF checkpoint directory
+    engine: {model: pdserve-builtin-tiny, dtype: float32, block_size: 16, kv_cache_bytes: 67108864}
     mode: disaggregated              # or colocated
-    kv_cache_bytes: 67108864
     kv_transfer: {backend: shm, timeout_s: 5.0}
-    router: {policy: prefix_hash}
+    router: {policy: prefix_hash}    # router.block_size is engine.block_size
     prefill: {num_replicas: 1, num_cpus: 0.5}
-    decode: {num_replicas: 1, num_cpus: 0.5}
+    decode: {num_replicas: 1, num_cpus: 0.5, device: cpu}
+    autoscaling: {decode: {target_kv_blocks_used_fraction: 0.7}}
     grpc: {host: 127.0.0.1, port: 50051}
+
+Derived values (the router's block size, a pool's device and dtype when left out) are filled in by the
+validators and stay out of ``model_fields_set``, so ``override`` derives them again from the new values.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from engine.builtin import BUILTIN_MODEL_ID
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-MODES = ("disaggregated", "colocated")
-KV_BACKENDS = ("shm", "nixl", "torch_dist")
-ROUTER_POLICIES = ("prefix_hash", "round_robin", "least_loaded", "consistent_hash")
-DTYPES = ("float32", "bfloat16", "float16")
+from cluster.autoscaling import DecodePolicyConfig, PrefillPolicyConfig
+from cluster.config_errors import ConfigError, describe_validation_error
+from engine.builtin import BUILTIN_MODEL_ID, resolve_model_path
+from engine.config import Device, DType, EngineConfig
+from kv_transfer.config import ShmConfig, TorchDistConfig, TransportConfig
+from router.config import RouterConfig
+
+Mode = Literal["disaggregated", "colocated"]
+"""The cluster modes: the one list of their names (colocated: each decode replica prefills its own)."""
+PoolName = Literal["prefill", "decode", "ingress"]
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+__all__ = ["ClusterConfig", "ConfigError", "GrpcConfig", "PoolConfig", "config_from_dict", "load_config"]
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range; the message names the field."""
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+def _derive(model: BaseModel, **values: Any) -> None:
+    """Fill derived fields of ``model`` while it is being validated (frozen models have no setter); the
+    values stay out of ``model_fields_set``, so a rebuild from the set fields derives them again."""
+    model.__dict__.update(values)
 
 
-@dataclass(frozen=True)
-class PoolConfig:
-    """One Serve deployment's replicas and resources."""
+class PoolConfig(_Section):
+    """One Serve deployment's replicas and resources (``prefill``, ``decode``, ``ingress``)."""
 
-    num_replicas: int = 1  # fixed replica count (ignored when autoscaling is on)
-    min_replicas: int | None = None  # set both bounds to autoscale with cluster.autoscaling policies
-    max_replicas: int | None = None
-    num_cpus: float = 0.5  # fractional on CPU so 1 prefill + 1 decode fit a 2-core machine
-    num_gpus: float = 0.0
-    max_ongoing_requests: int = 256  # streams are long-lived: Serve's default of 5 queues them
-    torch_threads: int | None = None  # torch intra-op threads inside each replica; None: torch default
+    num_replicas: PositiveInt = 1  # fixed replica count (ignored when autoscaling is on)
+    min_replicas: PositiveInt | None = None  # set both bounds to autoscale with cluster.autoscaling policies
+    max_replicas: PositiveInt | None = None
+    num_cpus: NonNegativeFloat = 0.5  # fractional on CPU so 1 prefill + 1 decode fit a 2-core machine
+    num_gpus: NonNegativeFloat = 0.0
+    max_ongoing_requests: PositiveInt = 256  # streams are long-lived: Serve's default of 5 queues them
+    torch_threads: PositiveInt | None = None  # torch intra-op threads inside each replica; None: default
+    device: Device | None = None  # where the model and KV pool live; None: cuda when num_gpus > 0, else cpu
+    dtype: DType | None = None  # serving and KV dtype; None: engine.dtype
+    # Ray custom resources each replica needs, e.g. {prefill_node: 1} to place the pool on nodes that
+    # were started with `ray start --resources '{"prefill_node": 4}'`
+    resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        _require(self.num_replicas >= 1, f"num_replicas: must be >= 1, got {self.num_replicas}")
-        _require(self.num_cpus >= 0, f"num_cpus: must be >= 0, got {self.num_cpus}")
-        _require(self.num_gpus >= 0, f"num_gpus: must be >= 0, got {self.num_gpus}")
-        _require(
-            self.max_ongoing_requests >= 1,
-            f"max_ongoing_requests: must be >= 1, got {self.max_ongoing_requests}",
-        )
-        _require(
-            (self.min_replicas is None) == (self.max_replicas is None),
-            "min_replicas/max_replicas: set both to autoscale, or neither",
-        )
-        if self.min_replicas is not None and self.max_replicas is not None:
-            _require(self.min_replicas >= 1, f"min_replicas: must be >= 1, got {self.min_replicas}")
-            _require(
-                self.max_replicas >= self.min_replicas,
-                f"max_replicas: must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}",
-            )
-        if self.torch_threads is not None:
-            _require(self.torch_threads >= 1, f"torch_threads: must be >= 1, got {self.torch_threads}")
+    @model_validator(mode="after")
+    def _check_and_derive(self) -> PoolConfig:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("min_replicas/max_replicas: set both to autoscale, or neither")
+        low, high = self.min_replicas, self.max_replicas
+        if low is not None and high is not None and high < low:
+            raise ValueError(f"max_replicas: must be >= min_replicas ({low}), got {high}")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("device: cuda needs num_gpus > 0 (Ray gives the replica no GPU otherwise)")
+        if self.device is None:
+            _derive(self, device="cuda" if self.num_gpus > 0 else "cpu")
+        return self
 
     @property
     def is_autoscaling(self) -> bool:
         return self.min_replicas is not None
 
 
-@dataclass(frozen=True)
-class KVTransferSection:
-    """Which KV transport moves blocks from prefill to decode, and how long a pull may take."""
+class IngressConfig(PoolConfig):
+    """The ingress pool: light replicas that each hold many open streams."""
 
-    backend: str = "shm"  # "shm" | "nixl" | "torch_dist"
-    timeout_s: float = 10.0  # a pull slower than this fails; decode then recomputes the prompt
-    # TEST HOOK, 0 in production: the decode worker waits this long after reserving its blocks and
-    # before starting the pull, so a fault test can kill the prefill replica while a transfer is
-    # under way (tests/integration/test_int_faults.py). Not counted in timeout_s.
-    test_pull_delay_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        _require(self.backend in KV_BACKENDS, f"backend: must be one of {KV_BACKENDS}, got {self.backend!r}")
-        _require(self.timeout_s > 0, f"timeout_s: must be > 0, got {self.timeout_s}")
-        _require(
-            self.test_pull_delay_s >= 0, f"test_pull_delay_s: must be >= 0, got {self.test_pull_delay_s}"
-        )
+    num_cpus: NonNegativeFloat = 0.1
+    max_ongoing_requests: PositiveInt = 4096
 
 
-@dataclass(frozen=True)
-class RouterSection:
-    """How the ingress picks a prefill replica (and a decode replica)."""
-
-    policy: str = "prefix_hash"  # "prefix_hash" | "round_robin" | "least_loaded" | "consistent_hash"
-    load_report_period_s: float = 0.2  # how often replicas publish load for routing
-    # prefix_hash's load-watermark fallback (router.config.RouterConfig): a prefill replica is skipped
-    # while its queued prefill tokens exceed max(high_watermark_tokens, high_load_factor x pool mean),
-    # until they fall below max(low_watermark_tokens, low_load_factor x pool mean)
-    high_watermark_tokens: int = 8192
-    low_watermark_tokens: int = 4096
-    high_load_factor: float = 1.5  # 0: the absolute floor alone
-    low_load_factor: float = 1.2
-
-    def __post_init__(self) -> None:
-        _require(
-            self.policy in ROUTER_POLICIES, f"policy: must be one of {ROUTER_POLICIES}, got {self.policy!r}"
-        )
-        _require(
-            self.low_watermark_tokens >= 0,
-            f"low_watermark_tokens: must be >= 0, got {self.low_watermark_tokens}",
-        )
-        _require(
-            self.high_watermark_tokens > self.low_watermark_tokens,
-            f"high_watermark_tokens: must be above low_watermark_tokens ({self.low_watermark_tokens}), "
-            f"got {self.high_watermark_tokens}",
-        )
-        _require(
-            self.high_load_factor == 0 or self.high_load_factor >= 1,
-            f"high_load_factor: must be 0 (off) or >= 1, got {self.high_load_factor}",
-        )
-        if self.high_load_factor == 0:
-            _require(
-                self.low_load_factor == 0,
-                f"low_load_factor: must be 0 when high_load_factor is 0, got {self.low_load_factor}",
-            )
-        else:
-            _require(
-                0 <= self.low_load_factor < self.high_load_factor,
-                f"low_load_factor: must be >= 0 and below high_load_factor ({self.high_load_factor}), "
-                f"got {self.low_load_factor}",
-            )
-        _require(
-            self.load_report_period_s > 0,
-            f"load_report_period_s: must be > 0, got {self.load_report_period_s}",
-        )
-
-
-@dataclass(frozen=True)
-class GrpcSection:
+class GrpcConfig(_Section):
     """Where the public gRPC API listens (served by each ingress replica itself, not Serve's proxy)."""
 
-    host: str = "127.0.0.1"  # embedded default: loopback only; "0.0.0.0" to serve other hosts
-    port: int = 50051
-
-    def __post_init__(self) -> None:
-        _require(bool(self.host), "host: must not be empty")
-        _require(0 <= self.port <= 65535, f"port: must be in [0, 65535], got {self.port}")
+    host: str = Field("127.0.0.1", min_length=1)  # embedded default: loopback only; "0.0.0.0": every host
+    port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0: any free port
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    """The whole cluster: model and cache, mode, transport, router, the three pools, the API."""
+class AutoscalingConfig(_Section):
+    """The pool policies' knobs (Serve's ``policy_kwargs``); used by pools that set min/max_replicas."""
 
-    model: str = BUILTIN_MODEL_ID  # the built-in model id or a local HF checkpoint directory
-    dtype: str = "float32"
-    block_size: int = 16
-    kv_cache_bytes: int = 64 * 1024 * 1024  # per worker replica
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_model_len: int | None = None  # None: the model's own context length
-    mode: str = "disaggregated"  # "colocated": each decode replica prefills its own requests
-    lease_s: float = 30.0  # pinned prefill KV is released after this even if no release arrives
-    request_timeout_s: float = 600.0  # a stream is ended (DEADLINE_EXCEEDED) after this
-    app_name: str = "pdserve"
-    coalesce_every_streams: int = 8  # decode messages carry one more token per this many open streams
-    coalesce_max_wait_ms: float = 100.0  # ...but a message never waits longer than this for them
-    kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
-    router: RouterSection = field(default_factory=RouterSection)
-    prefill: PoolConfig = field(default_factory=PoolConfig)
-    decode: PoolConfig = field(default_factory=PoolConfig)
-    ingress: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=0.1, max_ongoing_requests=4096))
-    grpc: GrpcSection = field(default_factory=GrpcSection)
+    prefill: PrefillPolicyConfig = Field(default_factory=PrefillPolicyConfig)
+    decode: DecodePolicyConfig = Field(default_factory=DecodePolicyConfig)
 
-    def __post_init__(self) -> None:
-        _require(bool(self.model), "model: must be the built-in model id or a checkpoint directory")
-        if self.model != BUILTIN_MODEL_ID:
-            _require(
-                Path(self.model).is_dir(),
-                f"model: {self.model!r} is not the built-in model id "
-                f"({BUILTIN_MODEL_ID}) nor an existing directory",
+
+class ClusterConfig(_Section):
+    """The whole cluster: engine, mode, transport, router, the three pools, autoscaling, the API."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    mode: Mode = "disaggregated"
+    lease_s: PositiveFloat = 30.0  # pinned prefill KV is released after this even if no release arrives
+    request_timeout_s: PositiveFloat = 600.0  # a stream is ended (DEADLINE_EXCEEDED) after this
+    app_name: str = Field("pdserve", min_length=1)
+    coalesce_every_streams: PositiveInt = 8  # decode messages carry one more token per this many streams
+    coalesce_max_wait_ms: NonNegativeFloat = 100.0  # ...but a message never waits longer than this
+    kv_transfer: TransportConfig = Field(default_factory=ShmConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+
+    @model_validator(mode="after")
+    def _check_and_derive(self) -> ClusterConfig:
+        _check_model(self.engine.model)
+        if self.engine.device != "cpu" or self.engine.num_threads is not None:
+            raise ValueError("engine.device/num_threads: set them per pool (device, torch_threads)")
+        if "block_size" in self.router.model_fields_set and self.router.block_size != self.engine.block_size:
+            raise ValueError(
+                f"router.block_size: must equal engine.block_size ({self.engine.block_size}); leave it out"
             )
-        _require(self.dtype in DTYPES, f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
-        _require(self.block_size > 0, f"block_size: must be > 0, got {self.block_size}")
-        _require(self.kv_cache_bytes > 0, f"kv_cache_bytes: must be > 0, got {self.kv_cache_bytes}")
-        _require(
-            self.max_num_batched_tokens > 0,
-            f"max_num_batched_tokens: must be > 0, got {self.max_num_batched_tokens}",
-        )
-        _require(self.max_num_seqs > 0, f"max_num_seqs: must be > 0, got {self.max_num_seqs}")
-        if self.max_model_len is not None:
-            _require(self.max_model_len > 0, f"max_model_len: must be > 0, got {self.max_model_len}")
-        _require(self.mode in MODES, f"mode: must be one of {MODES}, got {self.mode!r}")
-        _require(self.lease_s > 0, f"lease_s: must be > 0, got {self.lease_s}")
-        _require(self.request_timeout_s > 0, f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
-        _require(bool(self.app_name), "app_name: must not be empty")
-        _require(
-            self.coalesce_every_streams >= 1,
-            f"coalesce_every_streams: must be >= 1, got {self.coalesce_every_streams}",
-        )
-        _require(
-            self.coalesce_max_wait_ms >= 0,
-            f"coalesce_max_wait_ms: must be >= 0, got {self.coalesce_max_wait_ms}",
-        )
+        _derive(self, router=_copy(self.router, block_size=self.engine.block_size))
+        for name in ("prefill", "decode"):
+            pool = getattr(self, name)
+            if pool.dtype is None:
+                _derive(self, **{name: _copy(pool, dtype=self.engine.dtype)})
+        if not self.is_colocated:
+            self._check_transport()
+        return self
+
+    def _check_transport(self) -> None:
+        """The KV blocks move as they are, between the two pools' devices and nodes."""
+        prefill, decode, transport = self.prefill, self.decode, self.kv_transfer
+        if prefill.dtype != decode.dtype:
+            raise ValueError(
+                f"decode.dtype: must equal prefill.dtype ({prefill.dtype}) in disaggregated mode "
+                f"(KV blocks move as they are), got {decode.dtype}"
+            )
+        for name, pool in (("prefill", prefill), ("decode", decode)):
+            if pool.device == "cuda" and not transport.supports_gpu_memory:
+                raise ValueError(
+                    f"kv_transfer.backend: {transport.backend} cannot serve GPU memory and {name}.device is "
+                    "cuda; use nixl or torch_dist"
+                )
+        if prefill.resources != decode.resources:  # custom resources place the pools on different nodes
+            if not transport.is_cross_node:
+                raise ValueError(
+                    f"kv_transfer.backend: {transport.backend} cannot cross nodes and prefill.resources / "
+                    "decode.resources place the pools apart; use nixl or torch_dist"
+                )
+            if isinstance(transport, TorchDistConfig) and transport.host in ("127.0.0.1", "localhost"):
+                raise ValueError(
+                    f"kv_transfer.host: {transport.host} is not reachable from another node, and "
+                    "prefill.resources / decode.resources place the pools apart; use auto"
+                )
 
     @property
     def is_colocated(self) -> bool:
         return self.mode == "colocated"
 
-    def replace(self, **changes: Any) -> ClusterConfig:
-        """A copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
+    @property
+    def worker_pools(self) -> tuple[Literal["prefill", "decode"], ...]:
+        """The pools that run an engine: decode alone when colocated."""
+        return ("decode",) if self.is_colocated else ("prefill", "decode")
+
+    def pool(self, name: PoolName) -> PoolConfig:
+        return getattr(self, name)
+
+    def engine_for(self, pool: Literal["prefill", "decode"]) -> EngineConfig:
+        """The engine config of one pool's replicas: the pool's device, dtype and torch threads applied."""
+        section = self.pool(pool)
+        changes = {"device": section.device, "dtype": section.dtype, "num_threads": section.torch_threads}
+        return EngineConfig.model_validate({**self.engine.model_dump(exclude_unset=True), **changes})
+
+    def check_devices(self, pools: tuple[PoolName, ...] | None = None) -> None:
+        """Refuse, naming the field, a pool that asks for cuda where torch sees no GPU. Called where the
+        cluster starts and in each replica, never while parsing: a GPU cluster's YAML parses on a laptop."""
+        import torch
+
+        for name in pools if pools is not None else self.worker_pools:
+            if self.pool(name).device == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"{name}.device: cuda requested but torch sees no GPU")
+
+    def override(self, changes: dict[str, Any]) -> ClusterConfig:
+        """A validated copy with dotted-key ``changes``, e.g. ``{"engine.model": "/x", "grpc.port": 0}``.
+
+        Built again from the fields that were set plus the changes, so derived values follow them."""
+        data = self.model_dump(exclude_unset=True)
+        for dotted, value in changes.items():
+            *sections, leaf = dotted.split(".")
+            node = data
+            for key in sections:
+                node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{dotted}: {key} is not a section")
+            node[leaf] = value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value
+        return config_from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict; ``config_from_dict(c.to_dict()) == c``."""
-        return dataclasses.asdict(self)
+        """Plain nested dict of every field; ``config_from_dict(c.to_dict()) == c``."""
+        return self.model_dump()
+
+
+def _copy(model: Any, **values: Any) -> Any:
+    """A copy of ``model`` with derived ``values`` (kept out of its ``model_fields_set``)."""
+    copy = model.model_copy()
+    _derive(copy, **values)
+    return copy
+
+
+def _check_model(model: str) -> None:
+    if model == BUILTIN_MODEL_ID:
+        return
+    try:
+        path = resolve_model_path(model)
+    except FileNotFoundError as error:
+        raise ValueError(f"engine.model: {error}") from None
+    if not Path(path).exists():
+        raise ValueError(
+            f"engine.model: {model!r} is not the built-in model id ({BUILTIN_MODEL_ID}), a known model id "
+            "nor an existing checkpoint directory or GGUF file"
+        )
 
 
 def config_from_dict(data: dict[str, Any] | None) -> ClusterConfig:
-    """Build a ``ClusterConfig`` from parsed YAML, refusing unknown fields and wrong types by name."""
-    return _build(ClusterConfig, data or {}, "")
+    """Build a ``ClusterConfig`` from parsed YAML, refusing unknown fields and wrong types by dotted path."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ClusterConfig.model_validate(data or {})
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
 
 
 def load_config(path: str | Path | None) -> ClusterConfig:
@@ -245,54 +267,3 @@ def load_config(path: str | Path | None) -> ClusterConfig:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return config_from_dict(data)
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """``cls(**data)`` with nested sections, unknown keys and scalar types checked field by field."""
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"{prefix}{key}: unknown field (known: {', '.join(sorted(known))})")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _check_scalar(hint, value, f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as error:
-        if prefix:
-            raise ConfigError(f"{prefix}{error}") from None
-        raise
-
-
-def _check_scalar(hint: Any, value: Any, name: str) -> Any:
-    """Accept ``value`` for a field typed ``hint`` (int, float, str, bool, or ``X | None``)."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _union_type()) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{name}: must not be null")
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is str and isinstance(value, str):
-            return value
-    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{name}: must be {expected}, got {type(value).__name__} {value!r}")
-
-
-def _union_type() -> Any:
-    import types
-
-    return types.UnionType

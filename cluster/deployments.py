@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from cluster.config import ClusterConfig, config_from_dict
 from cluster.stats import ReplicaLoad
@@ -26,26 +26,17 @@ from worker_common.messages import DecodeChunk, DecodeRequest, PrefillResult, Wo
 logger = logging.getLogger(__name__)
 
 
-def engine_config_of(config: ClusterConfig) -> Any:
-    """The engine's config for one worker replica."""
-    from engine.config import EngineConfig
+def transport_config_for_replica(config: ClusterConfig) -> Any:
+    """The cluster's ``kv_transfer`` config as this replica uses it: torch_dist's ``host: auto`` becomes
+    this node's IP address (as Ray sees it), so a decode replica on another node can connect."""
+    from kv_transfer.config import TorchDistConfig
 
-    return EngineConfig(
-        model=config.model,
-        dtype=config.dtype,
-        block_size=config.block_size,
-        kv_cache_bytes=config.kv_cache_bytes,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_num_seqs=config.max_num_seqs,
-        max_model_len=config.max_model_len,
-    )
+    transport = config.kv_transfer
+    if isinstance(transport, TorchDistConfig) and transport.host == "auto":
+        import ray
 
-
-def transport_config_of(config: ClusterConfig) -> Any:
-    """The KV transport's typed config from the cluster's ``kv_transfer`` section."""
-    from kv_transfer.config import TransportConfig
-
-    return TransportConfig(backend=config.kv_transfer.backend, timeout_s=config.kv_transfer.timeout_s)
+        return transport.model_copy(update={"host": ray.util.get_node_ip_address()})
+    return transport
 
 
 def _replica_id() -> str:
@@ -54,15 +45,13 @@ def _replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
 
 
-def _build_engine(config: ClusterConfig, transport: Any, torch_threads: int | None) -> Any:
-    import torch
-
+def _build_engine(config: ClusterConfig, pool: Literal["prefill", "decode"], transport: Any) -> Any:
+    """The pool's engine (its device, dtype and threads), its KV pool allocated by the transport."""
     from engine.llm_engine import LLMEngine
 
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
+    config.check_devices((pool,))  # this replica's process must see the GPU its pool asks for
     allocator = transport.allocate_pool if transport is not None else None
-    return LLMEngine(engine_config_of(config), kv_allocator=allocator)
+    return LLMEngine(config.engine_for(pool), kv_allocator=allocator)
 
 
 class _WorkerDeployment:
@@ -105,10 +94,10 @@ class PrefillDeployment(_WorkerDeployment):
 
         config = config_from_dict(config_dict)
         self.replica_id = _replica_id()
-        transport = make_transport(transport_config_of(config), self.replica_id)
-        engine = _build_engine(config, transport, config.prefill.torch_threads)
+        transport = make_transport(transport_config_for_replica(config), self.replica_id)
+        engine = _build_engine(config, "prefill", transport)
         self.worker = PrefillWorker(
-            engine, transport, self.replica_id, config.dtype, config.block_size, config.lease_s
+            engine, transport, self.replica_id, engine.config.dtype, engine.config.block_size, config.lease_s
         )
 
     async def prefill(self, request: WorkerRequest, target_replica_id: str | None = None) -> PrefillResult:
@@ -141,17 +130,19 @@ class DecodeDeployment(_WorkerDeployment):
         config = config_from_dict(config_dict)
         self.replica_id = _replica_id()
         transport = (
-            None if config.is_colocated else make_transport(transport_config_of(config), self.replica_id)
+            None
+            if config.is_colocated
+            else make_transport(transport_config_for_replica(config), self.replica_id)
         )
-        engine = _build_engine(config, transport, config.decode.torch_threads)
+        engine = _build_engine(config, "decode", transport)
         self.worker = DecodeWorker(
             engine,
             transport,
             self.replica_id,
             config.kv_transfer.backend,
             config.kv_transfer.timeout_s,
-            config.dtype,
-            config.block_size,
+            engine.config.dtype,
+            engine.config.block_size,
             config.coalesce_every_streams,
             config.coalesce_max_wait_ms / 1e3,
             pull_delay_s=config.kv_transfer.test_pull_delay_s,

@@ -77,6 +77,8 @@ class EmbeddedCluster:
 
         from cluster.app import build_application
 
+        if self.address is None:  # the replicas run on this machine: it must have the GPUs they ask for
+            self.config.check_devices()
         self._owns_ray = init_local_ray(self.num_cpus, self.address)
         start_serve()
         started = time.perf_counter()

@@ -20,10 +20,11 @@ class ModelInfo:
 
 
 def load_model_info(config: ClusterConfig) -> ModelInfo:
-    """Tokenizer and limits of ``config.model`` (the built-in id or a checkpoint directory)."""
+    """Tokenizer and limits of ``config.engine.model`` (the built-in id or a checkpoint directory)."""
     from engine.model_config import ModelConfig
 
-    if config.model == BUILTIN_MODEL_ID:
+    engine = config.engine_for("decode")  # the pool that holds a whole sequence (in both modes)
+    if engine.model == BUILTIN_MODEL_ID:
         from engine.builtin import builtin_hf_config
         from engine.tokenizer import ByteTokenizer
 
@@ -36,18 +37,11 @@ def load_model_info(config: ClusterConfig) -> ModelInfo:
         from engine.loader import load_hf_config
         from engine.tokenizer import load_tokenizer
 
-        hf_config = load_hf_config(config.model)
-        tokenizer = load_tokenizer(config.model)
-        name = Path(config.model).name
+        hf_config = load_hf_config(engine.model)
+        tokenizer = load_tokenizer(engine.model)
+        name = Path(engine.model).name
     model_config = ModelConfig.from_hf_config(hf_config)
-    context = model_config.context_length
-    # A sequence can never hold more tokens than one worker's whole KV pool (the engine caps it too).
-    dtype_size = 4 if config.dtype == "float32" else 2
-    bytes_per_token = (
-        2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * dtype_size
-    )
-    num_blocks = config.kv_cache_bytes // (bytes_per_token * config.block_size)
-    context = min(context, num_blocks * config.block_size)
-    if config.max_model_len is not None:
-        context = min(context, config.max_model_len)
+    # A sequence can never hold more tokens than one worker's whole KV pool: the engine's own rule.
+    kv = engine.kv_shape(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim)
+    context = engine.max_context_len(model_config.context_length, kv)
     return ModelInfo(name, tokenizer, ModelLimits(vocab_size=model_config.vocab_size, max_model_len=context))

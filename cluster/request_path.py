@@ -66,7 +66,7 @@ class RequestPath:
         self.prefill = prefill  # DeploymentHandle of PrefillDeployment (None when colocated)
         self.decode = decode  # DeploymentHandle of DecodeDeployment
         self.decode_stream = decode.options(stream=True)
-        self.policy = RoutePolicy(config.router, config.block_size)
+        self.policy = RoutePolicy(config.router)
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget notices kept alive here
 
     async def generate(self, request: ValidRequest) -> AsyncIterator[pb.GenerateResponse]:
@@ -163,7 +163,7 @@ class RequestPath:
         self, work: WorkerRequest, trace: _Trace
     ) -> AsyncIterator[tuple[list[int], str | None]]:
         decode_views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
-        expected_blocks = -(-len(work.prompt_token_ids) // self.config.block_size)
+        expected_blocks = -(-len(work.prompt_token_ids) // self.config.engine.block_size)
         choice = self.policy.choose_decode(expected_blocks, decode_views)
         trace.route.reason = f"colocated={choice.reason}"
         stream = self.decode_stream.generate.remote(

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.config import RouterSection
 from cluster.replica_directory import ReplicaView
 from router.config import RouterConfig
 from router.load import LoadReport
@@ -32,19 +31,10 @@ class RouteChoice:
 class RoutePolicy:
     """Chooses replicas from load reports; one instance per ingress replica."""
 
-    def __init__(self, config: RouterSection, block_size: int) -> None:
+    def __init__(self, config: RouterConfig) -> None:
+        """``config``: the cluster's ``router`` section (its block size is the engine's)."""
         self.config = config
-        self.block_size = block_size
-        self._router = Router(
-            RouterConfig(
-                policy=config.policy,
-                block_size=block_size,
-                high_watermark_tokens=config.high_watermark_tokens,
-                low_watermark_tokens=config.low_watermark_tokens,
-                high_load_factor=config.high_load_factor,
-                low_load_factor=config.low_load_factor,
-            )
-        )
+        self._router = Router(config)
         self._workers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
     def choose_prefill(

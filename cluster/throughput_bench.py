@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import click
 import grpc
 
-from cluster.config import ClusterConfig, GrpcSection, PoolConfig
+from cluster.config import config_from_dict
 from cluster.embedded import EmbeddedCluster
-from worker_common.messages import DecodeRequest, SamplingSpec, WorkerRequest
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc
+from worker_common.messages import DecodeRequest, SamplingSpec, WorkerRequest
 
 
 @dataclass(frozen=True)
@@ -105,12 +105,13 @@ def main(streams: str, max_tokens: int, prompt_tokens: int, repeats: int, decode
     """Print API vs direct decode-pool tokens/s at each concurrency."""
     levels = [int(s) for s in streams.split(",")]
     pool = {"torch_threads": 1, "max_ongoing_requests": 512}
-    config = ClusterConfig(
-        kv_cache_bytes=64 * 2**20,
-        max_num_seqs=max(64, max(levels)),
-        prefill=PoolConfig(num_cpus=0.5, **pool),  # type: ignore[arg-type]
-        decode=PoolConfig(num_cpus=decode_cpus, **pool),  # type: ignore[arg-type]
-        grpc=GrpcSection(port=0),
+    config = config_from_dict(
+        {
+            "engine": {"kv_cache_bytes": 64 * 2**20, "max_num_seqs": max(64, max(levels))},
+            "prefill": {"num_cpus": 0.5, **pool},
+            "decode": {"num_cpus": decode_cpus, **pool},
+            "grpc": {"port": 0},
+        }
     )
     with EmbeddedCluster(config) as cluster:
         asyncio.run(_api_run(cluster.grpc_address, _prompts(4, prompt_tokens, 0), 8))  # warm-up

@@ -33,9 +33,9 @@ def cpu_config(config: dict[str, Any], port: int) -> dict[str, Any]:
     config.pop("http_options", None)
     (app,) = config["applications"]
     args = app["args"]
-    args.update(model=BUILTIN_MODEL_ID, dtype="float32", kv_cache_bytes=16 << 20, max_num_batched_tokens=512,
-                max_num_seqs=16, kv_transfer={"backend": "shm", "timeout_s": 10.0},
-                grpc={"host": "127.0.0.1", "port": port})
+    args["engine"].update(model=BUILTIN_MODEL_ID, dtype="float32", kv_cache_bytes=16 << 20,
+                          max_num_batched_tokens=512, max_num_seqs=16)
+    args.update(kv_transfer={"backend": "shm", "timeout_s": 10.0}, grpc={"host": "127.0.0.1", "port": port})
     for pool in ("prefill", "decode"):
         args[pool].update(num_cpus=0.5, num_gpus=0, min_replicas=1, max_replicas=2)
     args["ingress"].update(num_replicas=1, num_cpus=0.1)

@@ -12,7 +12,6 @@ with every run overlaid at the top level.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -53,10 +52,10 @@ def embedded_target(mode: str, cluster_config: Any = None, colocated_replicas: i
         from cluster.embedded import EmbeddedCluster
 
         base = cluster_config if cluster_config is not None else ClusterConfig()
-        config = base.replace(mode=mode)
+        config = base.override({"mode": mode})
         if mode == "colocated":
             replicas = colocated_replicas or base.prefill.num_replicas + base.decode.num_replicas
-            config = config.replace(decode=dataclasses.replace(base.decode, num_replicas=replicas))
+            config = config.override({"decode.num_replicas": replicas})
         with EmbeddedCluster(config) as cluster:
             yield cluster.grpc_address
 

@@ -177,7 +177,7 @@ def test_gpu_pools_have_gpus_and_room_for_their_replica_bounds() -> None:
 def test_every_pod_mounts_the_model_directory() -> None:
     # The app builder validates `model` (a directory) wherever Serve runs the build task, and every
     # replica loads the tokenizer or weights from it: all pods need the mount.
-    model = Path(_app()["args"]["model"])
+    model = Path(_app()["args"]["engine"]["model"])
     assert model.is_absolute()
     spec = _load("raycluster.yaml")["spec"]
     templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
@@ -232,14 +232,16 @@ def _args_for_this_machine() -> dict[str, Any]:
     # (checked above against the mounts). Everything else is validated as written.
     from engine.builtin import BUILTIN_MODEL_ID
 
-    return {**_app()["args"], "model": BUILTIN_MODEL_ID}
+    args = _app()["args"]
+    return {**args, "engine": {**args["engine"], "model": BUILTIN_MODEL_ID}}
 
 
 def test_embedded_cluster_config_validates_with_cluster_config() -> None:
     from cluster.config import ConfigError, config_from_dict
 
     config = config_from_dict(_args_for_this_machine())
-    assert (config.kv_transfer.backend, config.dtype, config.grpc.host) == ("nixl", "bfloat16", "0.0.0.0")
+    assert (config.kv_transfer.backend, config.engine.dtype) == ("nixl", "bfloat16")
+    assert config.grpc.host == "0.0.0.0" and config.decode.device == "cuda"  # parses without a GPU
     assert config.prefill.is_autoscaling and config.decode.is_autoscaling
     with pytest.raises(ConfigError, match="model"):
         config_from_dict(_app()["args"])  # the pods' path does not exist on this machine

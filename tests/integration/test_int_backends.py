@@ -5,7 +5,6 @@ and no block held on either pool afterwards."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import grpc
 import pytest
@@ -24,8 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("backend", ["nixl", "torch_dist"])
 def test_streams_match_transformers_over_backend(pd_cluster, backend: str) -> None:
-    config = cluster_config(1, 1)
-    config = config.replace(kv_transfer=dataclasses.replace(config.kv_transfer, backend=backend))
+    config = cluster_config(1, 1, {"kv_transfer.backend": backend})
     cluster = pd_cluster.ensure(config)
     prompts = make_prompts(16, seed=3)
     requests = [

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 
 import grpc
@@ -152,11 +151,14 @@ def test_prefill_replica_dies_mid_transfer(pd_cluster, backend: str) -> None:
     the decode replica recomputes the prompt (route says "recompute"), no stream outlives the pull delay
     plus the transfer timeout, the decode replica holds no block within 1 s, Serve brings up a new
     prefill replica, and the cluster then serves pulled KV again with nothing held anywhere."""
-    base = cluster_config(1, 1)
-    config = base.replace(
-        kv_transfer=dataclasses.replace(
-            base.kv_transfer, backend=backend, timeout_s=TRANSFER_TIMEOUT_S, test_pull_delay_s=PULL_DELAY_S
-        )
+    config = cluster_config(
+        1,
+        1,
+        {
+            "kv_transfer.backend": backend,
+            "kv_transfer.timeout_s": TRANSFER_TIMEOUT_S,
+            "kv_transfer.test_pull_delay_s": PULL_DELAY_S,
+        },
     )
     cluster = pd_cluster.ensure(config)
     address = cluster.grpc_address

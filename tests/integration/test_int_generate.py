@@ -8,7 +8,6 @@ finished and cancelled streams must leave zero request-held blocks in both pools
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import grpc
 import pytest
@@ -132,9 +131,7 @@ def test_timed_out_pull_is_recomputed_with_the_same_tokens(pd_cluster) -> None:
     """Fault: every KV pull times out (1 us). The decode replica recomputes the prompt: same tokens as
     transformers, route says "recompute", and no block stays held on either pool."""
     config = cluster_config(1, 1)
-    cluster = pd_cluster.ensure(
-        config.replace(kv_transfer=dataclasses.replace(config.kv_transfer, timeout_s=1e-6))
-    )
+    cluster = pd_cluster.ensure(config.override({"kv_transfer.timeout_s": 1e-6}))
     requests, prompts, max_tokens = _requests()
     results = asyncio.run(run_many(cluster.grpc_address, requests[:8]))
     for prompt, num_new, result in zip(prompts, max_tokens, results, strict=False):

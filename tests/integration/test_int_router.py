@@ -12,7 +12,6 @@ prefix returns to it (``prefill=ring_owner``, served from its cache).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 from typing import Any
@@ -94,9 +93,14 @@ async def _hold_and_route(address: str, app_name: str, owner: str) -> dict[str, 
 
 
 def test_hot_prefix_owner_falls_back_to_the_other_replica(pd_cluster) -> None:
-    base = cluster_config(2, 1, kv_cache_bytes=64 * 2**20)  # 1024 blocks: the holds evict no prefix
-    config = base.replace(
-        router=dataclasses.replace(base.router, high_watermark_tokens=HIGH, low_watermark_tokens=LOW)
+    config = cluster_config(  # 1024 blocks: the holds evict no prefix
+        2,
+        1,
+        {
+            "engine.kv_cache_bytes": 64 * 2**20,
+            "router.high_watermark_tokens": HIGH,
+            "router.low_watermark_tokens": LOW,
+        },
     )
     cluster = pd_cluster.ensure(config)
     address = cluster.grpc_address

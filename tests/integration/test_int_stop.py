@@ -10,7 +10,6 @@ token (sampled by prefill, so the request ends on the prefill replica) and the t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import grpc
 import pytest
@@ -57,7 +56,7 @@ def _expected(tokens: tuple[int, ...], stop: str) -> tuple[list[int], str]:
 def _config(mode: str) -> ClusterConfig:
     config = cluster_config(1, 1, mode="colocated" if mode == "colocated" else "disaggregated")
     if mode == "recompute":  # every pull times out: the decode replica recomputes the prompt
-        config = config.replace(kv_transfer=dataclasses.replace(config.kv_transfer, timeout_s=1e-6))
+        config = config.override({"kv_transfer.timeout_s": 1e-6})
     return config
 
 
