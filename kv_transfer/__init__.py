@@ -2,8 +2,8 @@
 
 Typical use::
 
-    transport = make_transport(TransportConfig(backend="shm"), worker_id)
-    pool = transport.allocate_pool(shape, dtype)          # the engine's KV pool
+    transport = make_transport(ShmConfig(), worker_id)   # or NixlConfig(...), TorchDistConfig(...)
+    pool = transport.allocate_pool(shape, dtype, device)  # the engine's KV pool
     endpoint = transport.register(pool, layout)           # published to peers
     transfer = transport.read_blocks(handle, local_ids)   # decode side pulls
     if transfer.wait() is TransferStatus.FAILED: ...      # recompute
@@ -23,10 +23,9 @@ from kv_transfer.base import (
     TransferEndpoint,
     TransferError,
     TransferStatus,
-    TransportCapabilities,
 )
 from kv_transfer.blocks import BlockRun, block_digests, merge_block_runs, pool_shape
-from kv_transfer.config import NixlConfig, ShmConfig, TorchDistConfig, TransportConfig
+from kv_transfer.config import NixlConfig, ShmConfig, TorchDistConfig, TransportConfig, transport_config
 from kv_transfer.factory import make_transport
 
 __all__ = [
@@ -43,10 +42,10 @@ __all__ = [
     "TransferEndpoint",
     "TransferError",
     "TransferStatus",
-    "TransportCapabilities",
     "TransportConfig",
     "block_digests",
     "make_transport",
     "merge_block_runs",
     "pool_shape",
+    "transport_config",
 ]

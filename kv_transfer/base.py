@@ -9,6 +9,10 @@ Vocabulary:
 - The decode side **pulls**: ``read_blocks(handle, local_block_ids)`` copies the remote blocks named in
   the ``KVHandle`` into its own local blocks and returns a ``Transfer`` whose status is polled or
   awaited. The data plane never touches the Ray object store.
+- ``KVTransport`` is a template: ``allocate_pool``, ``register``, ``read_blocks`` and ``close`` do every
+  step the backends share (closed check, endpoint and layout checks, block id checks, the transfer's
+  creation and bookkeeping) and call a few hooks where a backend differs (``_publish``,
+  ``_parse_endpoint``, ``_start_read``, ``_release``; optionally ``_allocate_pool``, ``_new_transfer``).
 - Release notices (decode telling prefill it may unpin) are the caller's control plane; the transport
   only moves bytes.
 
@@ -17,28 +21,42 @@ Lifecycle of one transfer: PENDING -> TRANSFERRING -> DONE | FAILED (a timeout i
 recomputes or re-prefills.
 """
 
+
 from __future__ import annotations
 
-import enum
+import math
+import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
+
+from engine.kv_memory import DTYPES, dtype_size, kv_bytes_per_token
+from kv_transfer.blocks import BLOCK_CONTIGUOUS, BlockRun, LocalPool, plan_read
+from kv_transfer.transfer import Transfer, TransferError, TransferState, TransferStatus
 
 if TYPE_CHECKING:
     import torch
 
-BLOCK_CONTIGUOUS = "block_contiguous"
+    from kv_transfer.config import TransportSettings
 
-_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
+__all__ = [
+    "BLOCK_CONTIGUOUS",
+    "KVHandle",
+    "KVTransport",
+    "LayoutMismatchError",
+    "LayoutSignature",
+    "RemotePool",
+    "Transfer",
+    "TransferEndpoint",
+    "TransferError",
+    "TransferStatus",
+]
 
 
 class LayoutMismatchError(ValueError):
     """Two workers' KV layouts differ: refused before any byte moves."""
-
-
-class TransferError(RuntimeError):
-    """A transfer failed (peer gone, timeout, stale endpoint)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +64,7 @@ class LayoutSignature:
     """Everything two workers must agree on for their KV blocks to be interchangeable bytes."""
 
     model_id: str  # a name plus a weights fingerprint: same name, other weights must not match
-    dtype: str  # "float32" | "float16" | "bfloat16"
+    dtype: str  # one of engine.kv_memory.DTYPES
     block_size: int  # tokens per block
     num_layers: int
     num_kv_heads: int
@@ -54,20 +72,20 @@ class LayoutSignature:
     memory_layout: str = BLOCK_CONTIGUOUS
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPE_SIZES:
-            raise ValueError(f"layout.dtype must be one of {sorted(_DTYPE_SIZES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"layout.dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"layout.{name} must be positive, got {getattr(self, name)}")
 
     @property
     def dtype_size(self) -> int:
-        return _DTYPE_SIZES[self.dtype]
+        return dtype_size(self.dtype)
 
     @property
     def bytes_per_token(self) -> int:
-        """2 (K and V) x layers x kv heads x head dim x dtype size."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_size
+        """2 (K and V) x layers x kv heads x head dim x dtype size (``engine.kv_memory``)."""
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     @property
     def block_bytes(self) -> int:
@@ -115,69 +133,142 @@ class KVHandle:
         return self.endpoint.layout
 
 
-class TransferStatus(enum.Enum):
-    PENDING = "pending"
-    TRANSFERRING = "transferring"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class TransportCapabilities:
-    """What a backend can do; declared per backend class, read instead of isinstance checks."""
-
-    supports_cpu_memory: bool
-    supports_gpu_memory: bool
-    cross_node: bool  # can reach a peer on another host
-    needs_shared_pool_allocation: bool  # the pool must be allocated by the transport (``allocate_pool``)
-    async_completion: bool  # read_blocks returns before the bytes land
-
-
-class Transfer(ABC):
-    """One pull in flight."""
+class RemotePool(Protocol):
+    """A backend's reading of a peer endpoint's metadata; all the template needs is the pool's size."""
 
     @property
-    @abstractmethod
-    def status(self) -> TransferStatus: ...
-
-    @property
-    @abstractmethod
-    def error(self) -> str | None: ...
-
-    @abstractmethod
-    def wait(self, timeout: float | None = None) -> TransferStatus:
-        """Block until DONE or FAILED, or until ``timeout`` seconds pass (then FAILED: timed out)."""
+    def nbytes(self) -> int: ...
 
 
-class KVTransport(ABC):
-    """A KV block mover. The prefill side registers and serves; the decode side reads."""
+PeerT = TypeVar("PeerT", bound=RemotePool)
 
-    capabilities: ClassVar[TransportCapabilities]
 
-    def allocate_pool(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """Allocate a KV pool this transport can serve (prefaulted). Default: plain host memory."""
+class KVTransport(ABC, Generic[PeerT]):
+    """A KV block mover. The prefill side registers and serves; the decode side reads.
+
+    A backend sets ``backend`` (its config's ``backend``) and fills in the hooks. What it can do is
+    declared on its config model (``config.supports_gpu_memory``, ``config.is_cross_node``).
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, config: TransportSettings, worker_id: str) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.incarnation = uuid.uuid4().hex[:16]
+        self._local: LocalPool | None = None  # the registered pool
+        self._inflight: weakref.WeakSet[TransferState] = weakref.WeakSet()  # failed by close()
+        self._closed = False
+
+    # -- pools ---------------------------------------------------------------------------------------
+    def allocate_pool(
+        self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Allocate a KV pool this transport can serve, on ``device``, every page backed now.
+
+        ``ValueError`` when the shape holds no bytes or the backend cannot serve ``device``'s memory.
+        """
         import torch
 
-        pool = torch.empty(tuple(shape), dtype=dtype)
+        self._check_open()
+        device = torch.device(device)
+        if device.type != "cpu" and not self.config.supports_gpu_memory:
+            raise ValueError(
+                f"the {self.backend} KV transport serves host memory only: it cannot allocate a pool on "
+                f"{device} (use nixl or torch_dist for device memory)"
+            )
+        shape = tuple(int(size) for size in shape)
+        if math.prod(shape) <= 0:
+            raise ValueError(f"pool shape {shape} holds no bytes")
+        return self._allocate_pool(shape, dtype, device)
+
+    def _allocate_pool(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Hook: the pool's memory. Default: a plain tensor on ``device``, zeroed (prefaulted)."""
+        import torch
+
+        pool = torch.empty(shape, dtype=dtype, device=device)
         pool.view(torch.uint8).zero_()  # prefault every page now, not on the first transfer
         return pool
 
-    @abstractmethod
     def register(self, pool: torch.Tensor, layout: LayoutSignature) -> TransferEndpoint:
         """Register the local pool (``[num_blocks, ...]`` block-major) and return its endpoint."""
+        self._check_open()
+        if self._local is not None:
+            raise ValueError("this transport already registered a KV pool")
+        local = LocalPool.checked(pool, layout)
+        metadata = self._publish(local)
+        self._local = local
+        return TransferEndpoint(self.backend, self.worker_id, self.incarnation, metadata, layout)
 
     @abstractmethod
-    def read_blocks(self, handle: KVHandle, local_block_ids: Sequence[int]) -> Transfer:
-        """Start pulling ``handle.block_ids`` into ``local_block_ids`` (same length, same order).
+    def _publish(self, local: LocalPool) -> bytes:
+        """Hook: make ``local`` readable by peers; return the endpoint metadata they need."""
 
-        Raises ``LayoutMismatchError`` before any byte moves when layouts differ.
+    # -- reads ---------------------------------------------------------------------------------------
+    def read_blocks(self, handle: KVHandle, local_block_ids: Sequence[int]) -> Transfer:
+        """Start pulling ``handle.block_ids`` into ``local_block_ids`` (same length, same order); returns
+        at once.
+
+        Raises ``LayoutMismatchError`` (layouts differ) or ``ValueError`` (another backend's endpoint, a
+        peer this backend cannot reach, bad block ids) before any byte moves. A peer that turns out gone
+        or unreachable ends the transfer FAILED; it never raises.
         """
+        self._check_open()
+        endpoint = handle.endpoint
+        if endpoint.backend != self.backend:
+            raise ValueError(
+                f"handle's endpoint is for backend {endpoint.backend!r}, this transport is {self.backend!r}"
+            )
+        peer = self._parse_endpoint(endpoint)
+        remote_num_blocks = peer.nbytes // endpoint.layout.block_bytes
+        runs = plan_read(endpoint.layout, handle.block_ids, remote_num_blocks, self._local, local_block_ids)
+        transfer = self._new_transfer(f"{handle.request_id} <- {endpoint.worker_id}", handle.lease_expires_at)
+        self._inflight.add(transfer)
+        try:
+            self._start_read(transfer, endpoint, peer, runs)
+        except Exception as exc:  # unreachable peer, stale metadata: FAILED, never an exception
+            error = f"{type(exc).__name__}: {exc}"
+            transfer.fail(f"{self.backend} read from {endpoint.worker_id} failed: {error}")
+        return transfer
+
+    @abstractmethod
+    def _parse_endpoint(self, endpoint: TransferEndpoint) -> PeerT:
+        """Hook: read ``endpoint.metadata``; ``ValueError`` when this transport cannot reach that peer."""
+
+    def _new_transfer(self, description: str, lease_expires_at: float) -> TransferState:
+        """Hook: the transfer object of one read (a polled backend returns its subclass)."""
+        return TransferState(self.config.timeout_s, description, lease_expires_at)
+
+    @abstractmethod
+    def _start_read(
+        self, transfer: TransferState, endpoint: TransferEndpoint, peer: PeerT, runs: list[BlockRun]
+    ) -> None:
+        """Hook: start copying ``runs`` (validated, merged) from ``peer`` into the registered pool; end
+        ``transfer`` DONE or FAILED when it finishes. May raise: the template ends the transfer FAILED."""
 
     def peer_incarnations(self) -> dict[str, str]:
         """Query (no state change): worker id -> incarnation of every peer this transport currently holds a
         mapping / agent / connection for. A restarted peer shows its new incarnation after the first read."""
         return {}
 
-    @abstractmethod
+    # -- lifecycle -----------------------------------------------------------------------------------
     def close(self) -> None:
-        """Release every registration and connection. Idempotent."""
+        """Fail in-flight transfers ("transport closed"), then release every registration and connection.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for transfer in list(self._inflight):
+            transfer.fail("transport closed")
+        self._release()
+        self._local = None
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Hook: stop threads, drop peers, free registrations (called once, after in-flight reads failed)."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} for {self.worker_id} is closed")

@@ -27,7 +27,7 @@ import torch
 
 from kv_transfer.base import KVHandle, LayoutSignature, TransferEndpoint, TransferStatus
 from kv_transfer.blocks import block_digests, merge_block_runs, pool_shape
-from kv_transfer.config import BACKENDS, TransportConfig
+from kv_transfer.config import BACKENDS, TransportConfig, transport_config
 from kv_transfer.factory import make_transport
 
 BUILTIN_LAYOUT = LayoutSignature(
@@ -206,7 +206,7 @@ def main(as_json: bool, backends: list[str], no_8b: bool, timeout_s: float) -> N
     rows: list[Row] = []
     for backend in backends:
         for layout, pool_blocks, group in cases(include_8b=not no_8b):
-            config = TransportConfig(backend=backend, timeout_s=timeout_s)  # type: ignore[arg-type]
+            config = transport_config({"backend": backend, "timeout_s": timeout_s})
             rows.extend(measure(config, layout, pool_blocks, group))
     machine = f"{platform.machine()} {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     if as_json:

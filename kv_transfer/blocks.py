@@ -12,12 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kv_transfer.base import BLOCK_CONTIGUOUS, LayoutSignature
+from engine.kv_memory import DTYPES
 
 if TYPE_CHECKING:
     import torch
 
-_TORCH_DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+    from kv_transfer.base import LayoutSignature
+
+BLOCK_CONTIGUOUS = "block_contiguous"  # LayoutSignature.memory_layout of a block-major pool
+_TORCH_DTYPE_NAMES = {f"torch.{name}": name for name in DTYPES}
 
 
 @dataclass(frozen=True)

@@ -13,28 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import struct
 import threading
-import uuid
-import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from kv_transfer.base import (
-    KVHandle,
-    KVTransport,
-    LayoutSignature,
-    TransferEndpoint,
-    TransferStatus,
-    TransportCapabilities,
-)
-from kv_transfer.blocks import BlockRun, LocalPool, plan_read
-from kv_transfer.config import TransportConfig
+from kv_transfer.base import KVTransport, TransferEndpoint, TransferStatus
+from kv_transfer.blocks import BlockRun, LocalPool
+from kv_transfer.config import NixlConfig
 from kv_transfer.transfer import TransferState
 
 logger = logging.getLogger(__name__)
@@ -61,6 +52,18 @@ def decode_metadata(metadata: bytes) -> tuple[_PoolInfo, bytes]:
     (length,) = _HEADER.unpack_from(metadata)
     header = json.loads(metadata[_HEADER.size : _HEADER.size + length])
     return _PoolInfo(**header), metadata[_HEADER.size + length :]
+
+
+@dataclass(frozen=True)
+class _PeerMetadata:
+    """A peer endpoint's metadata, decoded: its pool and its agent's metadata."""
+
+    pool: _PoolInfo
+    agent_metadata: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.nbytes
 
 
 @dataclass
@@ -101,7 +104,7 @@ class NixlTransfer(TransferState):
             self.fail(f"NIXL transfer error ({self.description}): peer gone or unreachable")
 
     def _poll_interval(self) -> float | None:
-        return self._transport.config.nixl.poll_interval_s
+        return self._transport.config.poll_interval_s
 
     def _on_finish(self, status: TransferStatus) -> None:
         handle, self._handle = self._handle, None
@@ -109,70 +112,55 @@ class NixlTransfer(TransferState):
             self._transport._release_handle(handle)
 
 
-class NixlTransport(KVTransport):
+class NixlTransport(KVTransport[_PeerMetadata]):
     """KV transport over NIXL with the UCX backend."""
 
-    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
-        supports_cpu_memory=True,
-        supports_gpu_memory=True,
-        cross_node=True,
-        needs_shared_pool_allocation=False,
-        async_completion=True,
-    )
+    backend = "nixl"
+    config: NixlConfig
 
-    def __init__(self, config: TransportConfig, worker_id: str) -> None:
+    def __init__(self, config: NixlConfig, worker_id: str) -> None:
         from nixl._api import nixl_agent, nixl_agent_config
 
-        self.config = config
-        self.worker_id = worker_id
-        self.incarnation = uuid.uuid4().hex[:16]
-        nixl = config.nixl
+        super().__init__(config, worker_id)
         agent_config = nixl_agent_config(
-            enable_prog_thread=nixl.enable_progress_thread,
-            backends=[nixl.ucx_backend],
-            num_threads=nixl.num_threads,
+            enable_prog_thread=config.enable_progress_thread,
+            backends=[config.ucx_backend],
+            num_threads=config.num_threads,
         )
         self.agent_name = f"{worker_id}/{self.incarnation}"
         self._agent = nixl_agent(self.agent_name, agent_config)
-        if nixl.ucx_backend not in self._agent.backends:
+        if config.ucx_backend not in self._agent.backends:
             raise RuntimeError(
-                f"NIXL backend {nixl.ucx_backend!r} (NixlConfig.ucx_backend) is not available; "
+                f"NIXL backend {config.ucx_backend!r} (NixlConfig.ucx_backend) is not available; "
                 f"plugins: {self._agent.get_plugin_list()}"
             )
         self._lock = threading.RLock()  # the agent is created without NIXL's own thread sync
-        self._local: LocalPool | None = None
         self._registration: Any = None
         self._peers: dict[str, _Peer] = {}
-        self._inflight: weakref.WeakSet[NixlTransfer] = weakref.WeakSet()
         self._unreleased: list[Any] = []  # handles NIXL refused to release yet (retried at close)
-        self._closed = False
 
     # -- pools ---------------------------------------------------------------------------------------
-    def allocate_pool(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """Page-aligned host memory, transparent huge pages advised, every page prefaulted."""
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes <= 0:
-            raise ValueError(f"pool shape {tuple(shape)} holds no bytes")
+    def _allocate_pool(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """On a GPU: device memory (NIXL registers it as VRAM). On the host: page-aligned memory,
+        transparent huge pages advised, every page prefaulted."""
+        if device.type != "cpu":
+            return super()._allocate_pool(shape, dtype, device)
+        nbytes = math.prod(shape) * dtype.itemsize
         mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if self.config.nixl.hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+        if self.config.hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
             mapping.madvise(mmap.MADV_HUGEPAGE)
         data = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
         data.zero_()  # prefault: every page (huge where the kernel allows) is backed now
-        return data.view(dtype).view(tuple(int(s) for s in shape))
+        return data.view(dtype).view(shape)
 
-    def register(self, pool: torch.Tensor, layout: LayoutSignature) -> TransferEndpoint:
-        """Register the pool with the NIXL agent; the endpoint carries the agent's metadata."""
-        self._check_open()
-        if self._local is not None:
-            raise ValueError("this transport already registered a KV pool")
-        local = LocalPool.checked(pool, layout)
+    def _publish(self, local: LocalPool) -> bytes:
+        """Register the pool with the NIXL agent; the metadata carries the agent's own."""
+        pool = local.tensor
         with self._lock:
             self._registration = self._agent.register_memory(pool)
             agent_metadata = self._agent.get_agent_metadata()
-        self._local = local
         info = _PoolInfo(
             agent_name=self.agent_name,
             base_address=pool.data_ptr(),
@@ -180,38 +168,22 @@ class NixlTransport(KVTransport):
             device_id=max(pool.get_device(), 0),
             mem_type="VRAM" if pool.is_cuda else "DRAM",
         )
-        return TransferEndpoint(
-            "nixl", self.worker_id, self.incarnation, encode_metadata(info, agent_metadata), layout
-        )
+        return encode_metadata(info, agent_metadata)
 
     # -- reads ---------------------------------------------------------------------------------------
-    def read_blocks(self, handle: KVHandle, local_block_ids: Sequence[int]) -> NixlTransfer:
-        """Validate (raising before any byte moves), handshake if needed, post one READ; returns at once."""
-        self._check_open()
-        endpoint = handle.endpoint
-        if endpoint.backend != "nixl":
-            raise ValueError(
-                f"handle's endpoint is for backend {endpoint.backend!r}, this transport is 'nixl'"
-            )
-        info, agent_metadata = decode_metadata(endpoint.metadata)
-        block_bytes = endpoint.layout.block_bytes
-        runs = plan_read(
-            endpoint.layout, handle.block_ids, info.nbytes // block_bytes, self._local, local_block_ids
-        )
-        transfer = NixlTransfer(
-            self,
-            self.config.timeout_s,
-            f"{handle.request_id} <- {endpoint.worker_id}",
-            handle.lease_expires_at,
-        )
-        transfer.num_bytes = len(handle.block_ids) * block_bytes
-        self._inflight.add(transfer)
-        try:
-            peer = self._peer(endpoint, info, agent_metadata)
-            transfer.post(self._make_read(peer, runs, block_bytes))
-        except Exception as exc:  # unreachable peer, stale metadata: FAILED, never an exception
-            transfer.fail(f"NIXL read from {endpoint.worker_id} failed: {type(exc).__name__}: {exc}")
-        return transfer
+    def _parse_endpoint(self, endpoint: TransferEndpoint) -> _PeerMetadata:
+        return _PeerMetadata(*decode_metadata(endpoint.metadata))
+
+    def _new_transfer(self, description: str, lease_expires_at: float) -> NixlTransfer:
+        return NixlTransfer(self, self.config.timeout_s, description, lease_expires_at)
+
+    def _start_read(
+        self, transfer: TransferState, endpoint: TransferEndpoint, peer: _PeerMetadata, runs: list[BlockRun]
+    ) -> None:
+        """Handshake if needed and post one READ (the template fails the transfer if this raises)."""
+        assert isinstance(transfer, NixlTransfer)
+        remote = self._peer(endpoint, peer.pool, peer.agent_metadata)
+        transfer.post(self._make_read(remote, runs, endpoint.layout.block_bytes))
 
     def _make_read(self, peer: _Peer, runs: list[BlockRun], block_bytes: int) -> Any:
         assert self._local is not None
@@ -279,12 +251,8 @@ class NixlTransport(KVTransport):
                 self._unreleased.append(handle)
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Abort in-flight reads, drop remote agents, deregister the pool, destroy the agent. Idempotent."""
-        if self._closed:
-            return
-        for transfer in list(self._inflight):
-            transfer.fail("transport closed")
+    def _release(self) -> None:
+        """Drop remote agents, deregister the pool, destroy the agent."""
         with self._lock:
             for handle in self._unreleased:
                 try:
@@ -297,10 +265,4 @@ class NixlTransport(KVTransport):
             if self._registration is not None:
                 self._agent.deregister_memory(self._registration)
                 self._registration = None
-            self._closed = True
-            self._local = None
             self._agent = None
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__} for {self.worker_id} is closed")

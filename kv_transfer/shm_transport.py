@@ -11,19 +11,17 @@ its lock was released) ends FAILED, even when the bytes were still readable.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
-import uuid
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from kv_transfer.base import KVHandle, KVTransport, LayoutSignature, TransferEndpoint, TransportCapabilities
-from kv_transfer.blocks import BlockRun, LocalPool, plan_read
-from kv_transfer.config import TransportConfig
+from kv_transfer.base import KVTransport, TransferEndpoint
+from kv_transfer.blocks import BlockRun, LocalPool
+from kv_transfer.config import ShmConfig
 from kv_transfer.shm_segment import (
     Segment,
     create_segment,
@@ -53,6 +51,14 @@ class _Peer:
     segment: Segment
 
 
+@dataclass(frozen=True)
+class _SegmentInfo:
+    """A peer endpoint's metadata as the reader uses it: where the pool's segment is."""
+
+    path: str
+    nbytes: int
+
+
 def _close_segments(segments: list[Segment]) -> None:
     """Unlink and unmap this process's segments (close() and interpreter exit)."""
     for segment in segments:
@@ -60,104 +66,67 @@ def _close_segments(segments: list[Segment]) -> None:
     segments.clear()
 
 
-class ShmTransport(KVTransport):
-    """KV transport through shared memory between processes on one host."""
+class ShmTransport(KVTransport[_SegmentInfo]):
+    """KV transport through shared memory between processes on one host (host memory only)."""
 
-    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
-        supports_cpu_memory=True,
-        supports_gpu_memory=False,
-        cross_node=False,
-        needs_shared_pool_allocation=True,
-        async_completion=True,
-    )
+    backend = "shm"
+    config: ShmConfig
 
-    def __init__(self, config: TransportConfig, worker_id: str) -> None:
-        self.config = config
-        self.worker_id = worker_id
-        self.incarnation = uuid.uuid4().hex[:16]
+    def __init__(self, config: ShmConfig, worker_id: str) -> None:
+        super().__init__(config, worker_id)
         self._host = host_identity()
         self._segments: list[Segment] = []  # segments this process owns
         self._peers: dict[str, _Peer] = {}  # worker id -> mapping; touched only by the worker thread
-        self._local: LocalPool | None = None
-        self._local_segment: Segment | None = None
-        self._inflight: weakref.WeakSet[TransferState] = weakref.WeakSet()
         self._worker = WorkerThread(name=f"kv-shm-{worker_id}")
-        self._closed = False
         # unlink our segments at interpreter exit even if close() is never called
         self._finalizer = weakref.finalize(self, _close_segments, self._segments)
 
     # -- prefill side --------------------------------------------------------------------------------
-    def allocate_pool(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def _allocate_pool(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """A KV pool in a new shared-memory segment, every page allocated and mapped."""
-        self._check_open()
-        shm = self.config.shm
-        if shm.reap_orphans:
-            reap_orphans(shm.shm_dir, shm.segment_prefix)
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes <= 0:
-            raise ValueError(f"pool shape {tuple(shape)} holds no bytes")
-        name = segment_name(shm.segment_prefix, self.worker_id, self.incarnation, len(self._segments))
-        segment = create_segment(shm.shm_dir, name, nbytes)
+        if self.config.reap_orphans:
+            reap_orphans(self.config.shm_dir, self.config.segment_prefix)
+        name = segment_name(self.config.segment_prefix, self.worker_id, self.incarnation, len(self._segments))
+        segment = create_segment(self.config.shm_dir, name, math.prod(shape) * dtype.itemsize)
         self._segments.append(segment)
         assert segment.data is not None
-        return segment.data.view(dtype).view(tuple(int(s) for s in shape))
+        return segment.data.view(dtype).view(shape)
 
-    def register(self, pool: torch.Tensor, layout: LayoutSignature) -> TransferEndpoint:
-        """Register the local pool. Peers can read it only if it came from ``allocate_pool``."""
-        self._check_open()
-        if self._local is not None:
-            raise ValueError("this transport already registered a KV pool")
-        self._local = LocalPool.checked(pool, layout)
-        self._local_segment = next(
-            (s for s in self._segments if s.data is not None and s.data.data_ptr() == pool.data_ptr()), None
+    def _publish(self, local: LocalPool) -> bytes:
+        """Host and segment; peers can read the pool only if it came from ``allocate_pool``."""
+        metadata: dict[str, object] = {"host": self._host, "pid": os.getpid()}
+        address = local.tensor.data_ptr()
+        segment = next(
+            (s for s in self._segments if s.data is not None and s.data.data_ptr() == address), None
         )
-        metadata = {"host": self._host, "pid": os.getpid()}
-        if self._local_segment is not None:
-            metadata.update(path=self._local_segment.path, nbytes=self._local_segment.nbytes)
-        return TransferEndpoint(
-            backend="shm",
-            worker_id=self.worker_id,
-            incarnation=self.incarnation,
-            metadata=json.dumps(metadata).encode(),
-            layout=layout,
-        )
+        if segment is not None:
+            metadata.update(path=segment.path, nbytes=segment.nbytes)
+        return json.dumps(metadata).encode()
 
     # -- decode side ---------------------------------------------------------------------------------
-    def read_blocks(self, handle: KVHandle, local_block_ids: Sequence[int]) -> TransferState:
-        """Validate (raising before any byte moves), then copy on the worker thread; returns at once."""
-        self._check_open()
-        endpoint = handle.endpoint
-        if endpoint.backend != "shm":
-            raise ValueError(
-                f"handle's endpoint is for backend {endpoint.backend!r}, this transport is 'shm'"
-            )
+    def _parse_endpoint(self, endpoint: TransferEndpoint) -> _SegmentInfo:
         metadata = json.loads(endpoint.metadata)
         if metadata["host"] != self._host:
             raise ValueError(f"shm peer {endpoint.worker_id} is on another host ({metadata['host']})")
         if "path" not in metadata:
             raise ValueError(f"shm peer {endpoint.worker_id} did not allocate its pool with allocate_pool")
-        block_bytes = endpoint.layout.block_bytes
-        runs = plan_read(
-            endpoint.layout, handle.block_ids, metadata["nbytes"] // block_bytes, self._local, local_block_ids
-        )
-        transfer = TransferState(
-            self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}", handle.lease_expires_at
-        )
-        transfer.num_bytes = len(handle.block_ids) * block_bytes
-        self._inflight.add(transfer)
-        self._worker.submit(lambda: self._run_copy(transfer, endpoint, metadata, runs))
-        return transfer
+        return _SegmentInfo(metadata["path"], metadata["nbytes"])
+
+    def _start_read(
+        self, transfer: TransferState, endpoint: TransferEndpoint, peer: _SegmentInfo, runs: list[BlockRun]
+    ) -> None:
+        """Copy on the worker thread (one per transport: reads run in order)."""
+        self._worker.submit(lambda: self._run_copy(transfer, endpoint, peer, runs))
 
     def _run_copy(
-        self, transfer: TransferState, endpoint: TransferEndpoint, metadata: dict, runs: list[BlockRun]
+        self, transfer: TransferState, endpoint: TransferEndpoint, peer: _SegmentInfo, runs: list[BlockRun]
     ) -> None:
         try:
             if not transfer.begin():
                 return
-            segment = self._peer_segment(endpoint, metadata)
+            segment = self._peer_segment(endpoint, peer)
             self._check_peer_alive(endpoint, segment)
             self._copy_runs(transfer, segment, runs, endpoint.layout.block_bytes)
             self._check_peer_alive(endpoint, segment)  # bytes from a dying peer are not trusted
@@ -177,7 +146,7 @@ class ShmTransport(KVTransport):
         word = torch.int64 if block_bytes % 8 == 0 else torch.uint8
         src = segment.data.view(word).view(-1, block_bytes // word.itemsize)  # [remote blocks, words]
         dst = self._local.data.view(word).view(-1, block_bytes // word.itemsize)  # [local blocks, words]
-        chunk_blocks = max(1, self.config.shm.copy_chunk_bytes // block_bytes)
+        chunk_blocks = max(1, self.config.copy_chunk_bytes // block_bytes)
         batch: list[BlockRun] = []
         batch_blocks = 0
         for run in runs:
@@ -211,7 +180,7 @@ class ShmTransport(KVTransport):
         with transfer.writing():
             dst.index_copy_(0, local_ids, gathered)
 
-    def _peer_segment(self, endpoint: TransferEndpoint, metadata: dict) -> Segment:
+    def _peer_segment(self, endpoint: TransferEndpoint, info: _SegmentInfo) -> Segment:
         """The cached mapping of the peer's incarnation; a new incarnation drops the old one first."""
         peer = self._peers.get(endpoint.worker_id)
         if peer is not None and peer.incarnation == endpoint.incarnation:
@@ -219,7 +188,7 @@ class ShmTransport(KVTransport):
         if peer is not None:
             self._drop_peer(endpoint.worker_id)
         try:
-            segment = map_segment(metadata["path"], metadata["nbytes"])
+            segment = map_segment(info.path, info.nbytes)
         except FileNotFoundError as exc:
             raise ConnectionError(
                 f"peer {endpoint.worker_id} incarnation {endpoint.incarnation} is gone (segment vanished)"
@@ -243,20 +212,9 @@ class ShmTransport(KVTransport):
         return {worker_id: peer.incarnation for worker_id, peer in self._peers.items()}
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Fail in-flight transfers, stop the worker, unmap peers, unlink own segments. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for transfer in list(self._inflight):
-            transfer.fail("transport closed")
+    def _release(self) -> None:
+        """Stop the worker, unmap peers, unlink own segments."""
         self._worker.stop()
         for worker_id in list(self._peers):
             self._drop_peer(worker_id)
-        self._local = None
-        self._local_segment = None
         self._finalizer()  # unlinks and unmaps our segments now
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__} for {self.worker_id} is closed")

@@ -55,6 +55,11 @@ def _recv_exactly(sock: socket.socket, length: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The collective backend for a pool on ``device``: NCCL for GPU memory, gloo for host memory."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def make_pair_group(
     store: dist.Store, rank: int, local_host: str, backend: str, timeout_s: float
 ) -> dist.ProcessGroup:

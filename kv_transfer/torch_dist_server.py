@@ -18,7 +18,14 @@ import torch
 import torch.distributed as dist
 
 from kv_transfer.config import TorchDistConfig
-from kv_transfer.torch_dist_link import abort_group, gather_runs, make_pair_group, recv_message, send_message
+from kv_transfer.torch_dist_link import (
+    abort_group,
+    gather_runs,
+    make_pair_group,
+    process_group_backend,
+    recv_message,
+    send_message,
+)
 
 logger = logging.getLogger(__name__)
 _ACCEPT_POLL_S = 0.2
@@ -103,7 +110,7 @@ class TorchDistServer:
             store = dist.TCPStore(self.config.host, 0, 2, True, timeout=timeout, wait_for_workers=False)
             send_message(conn, {"store_port": store.port})
             group = make_pair_group(
-                store, 0, self.config.host, self.config.process_group_backend, self._timeout_s
+                store, 0, self.config.host, process_group_backend(self._pool_bytes.device), self._timeout_s
             )
             while not self._closed.is_set():
                 request = recv_message(conn)

@@ -14,23 +14,36 @@ import logging
 import socket
 import threading
 import time
-import uuid
-import weakref
-from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
-from kv_transfer.base import KVHandle, KVTransport, LayoutSignature, TransferEndpoint, TransportCapabilities
-from kv_transfer.blocks import BlockRun, LocalPool, plan_read
-from kv_transfer.config import TransportConfig
-from kv_transfer.torch_dist_link import abort_group, make_pair_group, recv_message, send_message
+from kv_transfer.base import KVTransport, TransferEndpoint
+from kv_transfer.blocks import BlockRun, LocalPool
+from kv_transfer.config import TorchDistConfig
+from kv_transfer.torch_dist_link import (
+    abort_group,
+    make_pair_group,
+    process_group_backend,
+    recv_message,
+    send_message,
+)
 from kv_transfer.torch_dist_server import TorchDistServer
 from kv_transfer.transfer import TransferAborted, TransferState, WorkerThread
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _ServerInfo:
+    """A peer endpoint's metadata: where its server listens, its pool's size, its collective backend."""
+
+    host: str
+    port: int
+    nbytes: int
+    group_backend: str  # "gloo" | "nccl": both ends of a pair must use the same one
 
 
 class _PeerLink:
@@ -49,7 +62,7 @@ class _PeerLink:
         """Handshake (checks the peer is the incarnation the handle names) and join the pair group."""
         if self.group is not None:
             return
-        config = self.transport.config.torch_dist
+        config = self.transport.config
         sock = socket.create_connection(self.address, timeout=config.connect_timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -60,7 +73,7 @@ class _PeerLink:
             timeout = timedelta(seconds=config.connect_timeout_s)
             store = dist.TCPStore(self.address[0], reply["store_port"], 2, False, timeout=timeout)
             self.group = make_pair_group(
-                store, 1, sock.getsockname()[0], config.process_group_backend, self.transport.config.timeout_s
+                store, 1, sock.getsockname()[0], self.transport.process_group_backend, config.timeout_s
             )
             sock.settimeout(None)
             self.sock = sock
@@ -81,67 +94,54 @@ class _PeerLink:
         self.worker.stop(timeout=self.transport.config.timeout_s + 1)
 
 
-class TorchDistTransport(KVTransport):
+class TorchDistTransport(KVTransport[_ServerInfo]):
     """KV transport over torch.distributed point-to-point (gloo on CPU, NCCL on CUDA)."""
 
-    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
-        supports_cpu_memory=True,
-        supports_gpu_memory=True,  # NCCL path; not exercised on the CPU-only dev machine
-        cross_node=True,
-        needs_shared_pool_allocation=False,
-        async_completion=True,
-    )
+    backend = "torch_dist"
+    config: TorchDistConfig
 
-    def __init__(self, config: TransportConfig, worker_id: str) -> None:
-        self.config = config
-        self.worker_id = worker_id
-        self.incarnation = uuid.uuid4().hex[:16]
-        self._local: LocalPool | None = None
+    def __init__(self, config: TorchDistConfig, worker_id: str) -> None:
+        super().__init__(config, worker_id)
         self._server: TorchDistServer | None = None
         self._links: dict[str, _PeerLink] = {}
         self._retired: list[_PeerLink] = []  # links of replaced incarnations, joined at close()
         self._links_lock = threading.Lock()
-        self._inflight: weakref.WeakSet[TransferState] = weakref.WeakSet()
-        self._closed = False
 
-    def register(self, pool: torch.Tensor, layout: LayoutSignature) -> TransferEndpoint:
-        """Register the pool and start serving reads of it on a control port."""
-        self._check_open()
-        if self._local is not None:
-            raise ValueError("this transport already registered a KV pool")
-        self._local = LocalPool.checked(pool, layout)
+    @property
+    def process_group_backend(self) -> str:
+        """gloo or NCCL, by where the registered pool lives."""
+        assert self._local is not None, "register the local pool before reading"
+        return process_group_backend(self._local.data.device)
+
+    def _publish(self, local: LocalPool) -> bytes:
+        """Start serving reads of the pool on a control port."""
         self._server = TorchDistServer(
-            self.config.torch_dist,
-            self._local.data,
-            layout.block_bytes,
-            self.incarnation,
-            self.config.timeout_s,
+            self.config, local.data, local.layout.block_bytes, self.incarnation, self.config.timeout_s
         )
         host, port = self._server.address
-        metadata = json.dumps({"host": host, "port": port, "nbytes": pool.numel() * pool.element_size()})
-        return TransferEndpoint("torch_dist", self.worker_id, self.incarnation, metadata.encode(), layout)
+        metadata = {
+            "host": host,
+            "port": port,
+            "nbytes": local.tensor.numel() * local.tensor.element_size(),
+            "group_backend": process_group_backend(local.data.device),
+        }
+        return json.dumps(metadata).encode()
 
-    def read_blocks(self, handle: KVHandle, local_block_ids: Sequence[int]) -> TransferState:
-        """Validate (raising before any byte moves), then receive on the peer's thread; returns at once."""
-        self._check_open()
-        endpoint = handle.endpoint
-        if endpoint.backend != "torch_dist":
+    def _parse_endpoint(self, endpoint: TransferEndpoint) -> _ServerInfo:
+        info = _ServerInfo(**json.loads(endpoint.metadata))
+        if self._local is not None and info.group_backend != self.process_group_backend:
             raise ValueError(
-                f"handle's endpoint is for backend {endpoint.backend!r}, this transport is 'torch_dist'"
+                f"torch_dist peer {endpoint.worker_id} serves over {info.group_backend}, this pool needs "
+                f"{self.process_group_backend}: both pools must be on a GPU or both in host memory"
             )
-        metadata = json.loads(endpoint.metadata)
-        block_bytes = endpoint.layout.block_bytes
-        runs = plan_read(
-            endpoint.layout, handle.block_ids, metadata["nbytes"] // block_bytes, self._local, local_block_ids
-        )
-        transfer = TransferState(
-            self.config.timeout_s, f"{handle.request_id} <- {endpoint.worker_id}", handle.lease_expires_at
-        )
-        transfer.num_bytes = len(handle.block_ids) * block_bytes
-        self._inflight.add(transfer)
-        link = self._link(endpoint, (metadata["host"], metadata["port"]))
-        link.worker.submit(lambda: self._run_read(link, transfer, runs, block_bytes))
-        return transfer
+        return info
+
+    def _start_read(
+        self, transfer: TransferState, endpoint: TransferEndpoint, peer: _ServerInfo, runs: list[BlockRun]
+    ) -> None:
+        """Receive on the peer link's thread (reads from one peer run in order)."""
+        link = self._link(endpoint, (peer.host, peer.port))
+        link.worker.submit(lambda: self._run_read(link, transfer, runs, endpoint.layout.block_bytes))
 
     def _link(self, endpoint: TransferEndpoint, address: tuple[str, int]) -> _PeerLink:
         """The link to this incarnation; a new incarnation closes the stale link (in the background)."""
@@ -196,13 +196,8 @@ class TorchDistTransport(KVTransport):
         with self._links_lock:
             return {worker_id: link.incarnation for worker_id, link in self._links.items()}
 
-    def close(self) -> None:
-        """Fail in-flight reads, close links (joining their threads), stop serving. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for transfer in list(self._inflight):
-            transfer.fail("transport closed")
+    def _release(self) -> None:
+        """Close links (joining their threads), stop serving."""
         with self._links_lock:
             links = [*self._links.values(), *self._retired]
             self._links.clear()
@@ -212,8 +207,3 @@ class TorchDistTransport(KVTransport):
         if self._server is not None:
             self._server.close()
             self._server = None
-        self._local = None
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__} for {self.worker_id} is closed")

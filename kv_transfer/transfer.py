@@ -1,4 +1,5 @@
-"""The per-transfer state machine every backend shares, and the daemon worker that runs copies.
+"""One pull in flight: its status enum, the ``Transfer`` contract, the state machine every backend shares
+(``TransferState``), and the daemon worker that runs copies.
 
 Lifecycle: PENDING -> TRANSFERRING -> DONE | FAILED. The first terminal state wins; later attempts to
 finish are ignored. A transfer's deadline is ``timeout_s`` after ``read_blocks``: whoever looks at it
@@ -11,14 +12,42 @@ decode side may free or reuse the blocks of a FAILED transfer at once.
 
 from __future__ import annotations
 
+import enum
 import math
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from kv_transfer.base import Transfer, TransferError, TransferStatus
+
+class TransferError(RuntimeError):
+    """A transfer failed (peer gone, timeout, stale endpoint)."""
+
+
+class TransferStatus(enum.Enum):
+    PENDING = "pending"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Transfer(ABC):
+    """One pull in flight."""
+
+    @property
+    @abstractmethod
+    def status(self) -> TransferStatus: ...
+
+    @property
+    @abstractmethod
+    def error(self) -> str | None: ...
+
+    @abstractmethod
+    def wait(self, timeout: float | None = None) -> TransferStatus:
+        """Block until DONE or FAILED, or until ``timeout`` seconds pass (then FAILED: timed out)."""
+
 
 _TERMINAL = (TransferStatus.DONE, TransferStatus.FAILED)
 _SPIN_S = 50e-6  # polled backends: busy-poll this long before the first sleep (a sleep costs ~60 us)
@@ -35,10 +64,7 @@ class TransferState(Transfer):
         self.timeout_s = timeout_s
         self.description = description
         self.lease_expires_at = lease_expires_at  # wall clock: past it the peer may reuse the blocks
-        self.started_at = time.monotonic()
-        self.deadline = self.started_at + timeout_s
-        self.finished_at: float | None = None
-        self.num_bytes = 0  # bytes this transfer moves (set by the backend; for reporting)
+        self.deadline = time.monotonic() + timeout_s
         self._status = TransferStatus.PENDING
         self._error: str | None = None
         self._lock = threading.Lock()  # held while bytes are written and while the state changes
@@ -58,11 +84,6 @@ class TransferState(Transfer):
     @property
     def is_terminal(self) -> bool:
         return self._status in _TERMINAL
-
-    @property
-    def elapsed_s(self) -> float:
-        end = self.finished_at if self.finished_at is not None else time.monotonic()
-        return end - self.started_at
 
     # -- waiting -----------------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> TransferStatus:
@@ -86,23 +107,6 @@ class TransferState(Transfer):
             else:  # backends without completion callbacks: back off from 10 us to poll_s
                 self._done.wait(min(delay, wait_until - now))
                 delay = min(delay * 2, poll_s)
-
-    async def wait_async(self, timeout: float | None = None) -> TransferStatus:
-        """``wait`` for asyncio code: polls between ``asyncio.sleep``s, never blocking the event loop."""
-        import asyncio
-
-        wait_until = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
-        delay = 1e-4
-        while True:
-            self._refresh()
-            if self.is_terminal:
-                return self._status
-            now = time.monotonic()
-            if now >= wait_until:
-                self._give_up(now, timeout)
-                return self._status
-            await asyncio.sleep(min(delay, wait_until - now))
-            delay = min(delay * 2, 2e-3)
 
     def _give_up(self, now: float, timeout: float | None) -> None:
         if now >= self.deadline:
@@ -174,7 +178,6 @@ class TransferState(Transfer):
             if self.is_terminal:
                 return False
             self._status, self._error = status, error
-            self.finished_at = time.monotonic()
         self._on_finish(status)
         self._done.set()
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kv_transfer import TransportConfig
+from kv_transfer import NixlConfig
 from tests.kv_transfer.transport_scenarios import TIMEOUT_S, Scenarios
 
 pytest.importorskip("nixl._api")  # installed in .venv; a missing install fails loudly in CI's import check
@@ -13,4 +13,4 @@ pytestmark = pytest.mark.integration
 
 
 class TestNixl(Scenarios):
-    config = TransportConfig(backend="nixl", timeout_s=TIMEOUT_S)
+    config = NixlConfig(timeout_s=TIMEOUT_S)

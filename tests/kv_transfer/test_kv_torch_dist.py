@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from kv_transfer import TransportConfig
+from kv_transfer import TorchDistConfig
 from tests.kv_transfer.transport_scenarios import TIMEOUT_S, Scenarios
 
 pytestmark = pytest.mark.integration
 
 
 class TestTorchDist(Scenarios):
-    config = TransportConfig(backend="torch_dist", timeout_s=TIMEOUT_S)
+    config = TorchDistConfig(timeout_s=TIMEOUT_S)

@@ -145,12 +145,12 @@ class Scenarios:
 
     # -- faults ---------------------------------------------------------------------------------------
     def test_timeout_ends_failed(self, peer: PeerProcess) -> None:
-        decoder = new_decoder(dataclasses.replace(self.config, timeout_s=1e-4), "decode-timeout")
+        decoder = new_decoder(self.config.model_copy(update={"timeout_s": 1e-4}), "decode-timeout")
         try:
             all_ids = list(range(NUM_REMOTE_BLOCKS))
             transfer = decoder.transport.read_blocks(make_handle(peer, all_ids), all_ids)
             status = transfer.wait()
-            assert status is TransferStatus.FAILED, f"{transfer} ended after {transfer.elapsed_s:.6f}s"
+            assert status is TransferStatus.FAILED, f"{transfer} did not time out"
             assert "timed out" in (transfer.error or "")
         finally:
             decoder.transport.close()
@@ -158,7 +158,7 @@ class Scenarios:
     def test_stalled_peer_never_hangs(self, peer: PeerProcess) -> None:
         """A peer that stops running (SIGSTOP): one-sided backends may still finish (then the bytes are
         right); two-sided ones end FAILED at the deadline. Either way wait() returns by the deadline."""
-        decoder = new_decoder(dataclasses.replace(self.config, timeout_s=1.0), "decode-stalled")
+        decoder = new_decoder(self.config.model_copy(update={"timeout_s": 1.0}), "decode-stalled")
         ids = list(range(64))
         expected = peer.digests(ids)
         peer.pause()
