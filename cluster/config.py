@@ -26,7 +26,7 @@ validators and stay out of ``model_fields_set``, so ``override`` derives them ag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -39,13 +39,22 @@ from router.config import RouterConfig
 
 Mode = Literal["disaggregated", "colocated"]
 """The cluster modes: the one list of their names (colocated: each decode replica prefills its own)."""
+MODES: tuple[str, ...] = get_args(Mode)
 PoolName = Literal["prefill", "decode", "ingress"]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
-__all__ = ["ClusterConfig", "ConfigError", "GrpcConfig", "PoolConfig", "config_from_dict", "load_config"]
+__all__ = [
+    "MODES",
+    "ClusterConfig",
+    "ConfigError",
+    "GrpcConfig",
+    "PoolConfig",
+    "config_from_dict",
+    "load_config",
+]
 
 
 class _Section(BaseModel):

@@ -16,8 +16,7 @@ from cluster.bench.config import SLO, BenchConfig, parse_length_mix
 from cluster.bench.suite import Target, embedded_target, external_target, run_suite
 from cluster.bench.workload import Workload
 from cluster.cli_options import DEFAULT_SERVER, renamed_option
-
-MODES = ("disaggregated", "colocated")
+from cluster.config import MODES
 
 
 def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> str:
