@@ -71,6 +71,7 @@ class EmbeddedCluster:
         self.ready_timeout_s = ready_timeout_s
         self.grpc_address = ""
         self._owns_ray = False
+        self._has_ray = False  # start() got as far as Ray: stop() has something to clean up
 
     def start(self) -> EmbeddedCluster:
         from ray import serve
@@ -80,6 +81,7 @@ class EmbeddedCluster:
         if self.address is None:  # the replicas run on this machine: it must have the GPUs they ask for
             self.config.check_devices()
         self._owns_ray = init_local_ray(self.num_cpus, self.address)
+        self._has_ray = True
         start_serve()
         started = time.perf_counter()
         handle = serve.run(build_application(self.config), name=self.config.app_name, route_prefix=None)
@@ -108,6 +110,8 @@ class EmbeddedCluster:
         import ray
         from ray import serve
 
+        if not self._has_ray:  # refused before Ray (e.g. a cuda pool without a GPU): nothing to undo
+            return
         try:
             self.delete_app()
         finally:
