@@ -4,31 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 import grpc
 
-from cluster.config import ClusterConfig, GrpcSection, PoolConfig
+from cluster.config import ClusterConfig, config_from_dict
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc
 
 BLOCK_SIZE = 16
 
 
-def cluster_config(num_prefill: int = 1, num_decode: int = 1, **changes: object) -> ClusterConfig:
-    """A small test cluster: fractional CPUs, one torch thread per replica, a free gRPC port."""
+def cluster_config(
+    num_prefill: int = 1, num_decode: int = 1, changes: Mapping[str, Any] | None = None, **top_level: Any
+) -> ClusterConfig:
+    """A small test cluster: fractional CPUs, one torch thread per replica, a free gRPC port.
+
+    ``changes`` are dotted keys (``{"kv_transfer.backend": "nixl"}``), ``top_level`` plain fields
+    (``mode="colocated"``); both go through ``ClusterConfig.override``."""
     pool = {"num_cpus": 0.25, "torch_threads": 1}
-    base = ClusterConfig(
-        kv_cache_bytes=16 * 2**20,  # 256 blocks of the built-in model's KV
-        max_num_batched_tokens=1024,
-        lease_s=20.0,
-        prefill=PoolConfig(num_replicas=num_prefill, **pool),  # type: ignore[arg-type]
-        decode=PoolConfig(num_replicas=num_decode, **pool),  # type: ignore[arg-type]
-        grpc=GrpcSection(port=0),
+    base = config_from_dict(
+        {
+            "engine": {"kv_cache_bytes": 16 * 2**20, "max_num_batched_tokens": 1024},  # 256 blocks
+            "lease_s": 20.0,
+            "prefill": {"num_replicas": num_prefill, **pool},
+            "decode": {"num_replicas": num_decode, **pool},
+            "grpc": {"port": 0},
+        }
     )
-    return base.replace(**changes) if changes else base
+    merged = {**(changes or {}), **top_level}
+    return base.override(merged) if merged else base
 
 
 @cache
@@ -137,3 +147,19 @@ def wait_until_no_blocks_held(address: str, within_s: float) -> tuple[float, dic
         if all(count == 0 for count in held.values()) or elapsed > within_s:
             return elapsed, held
         time.sleep(0.05)
+
+
+def wait_serving(address: str, server: subprocess.Popen, timeout_s: float) -> float:
+    """Poll Health on ``address`` until SERVING (seconds it took); fails if ``server`` exits first."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        assert server.poll() is None, f"pdserve serve exited with {server.returncode}"
+        try:
+            with grpc.insecure_channel(address) as channel:
+                health = pdserve_pb2_grpc.PDServeStub(channel).Health(pb.HealthRequest(), timeout=10)
+            if health.status == pb.HealthResponse.SERVING:
+                return time.monotonic() - start
+        except grpc.RpcError:
+            pass
+        time.sleep(1.0)
+    raise AssertionError(f"pdserve serve not SERVING on {address} after {timeout_s}s")

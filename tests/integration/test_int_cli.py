@@ -8,36 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from engine.tokenizer import ByteTokenizer
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc
 from tests.conftest import free_port
-from tests.integration.int_helpers import reference_greedy
+from tests.integration.int_helpers import reference_greedy, wait_serving
 
 pytestmark = pytest.mark.integration
 
 PDSERVE = str(Path(sys.executable).parent / "pdserve")
-
-
-def _wait_serving(address: str, server: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"pdserve serve exited with {server.returncode}"
-        try:
-            with grpc.insecure_channel(address) as channel:
-                health = pdserve_pb2_grpc.PDServeStub(channel).Health(pb.HealthRequest(), timeout=10)
-            if health.status == pb.HealthResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(1.0)
-    raise AssertionError(f"pdserve serve not SERVING on {address} after {timeout_s}s")
 
 
 def test_pdserve_serve_and_generate_json(tmp_path: Path) -> None:
@@ -53,7 +34,7 @@ def test_pdserve_serve_and_generate_json(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        _wait_serving(address, server, timeout_s=240)
+        wait_serving(address, server, timeout_s=240)
         done = subprocess.run(
             [PDSERVE, "generate", "hello", "--json", "--server", address],
             capture_output=True,
