@@ -17,7 +17,7 @@ import click
 import grpc
 
 from cluster.cli_options import DEFAULT_SERVER, renamed_option
-from cluster.config import ConfigError, GrpcSection, load_config
+from cluster.config import ConfigError, load_config
 
 
 @click.group()
@@ -66,17 +66,8 @@ def serve(
 ) -> None:
     """Start the cluster and serve the gRPC API until Ctrl-C / SIGTERM."""
     try:
-        config = load_config(config_path)
-        changes: dict[str, Any] = {}
-        if model is not None:
-            changes["model"] = model
-        if mode is not None:
-            changes["mode"] = mode
-        if host is not None or port is not None:
-            changes["grpc"] = GrpcSection(
-                host=host or config.grpc.host, port=config.grpc.port if port is None else port
-            )
-        config = config.replace(**changes) if changes else config
+        flags = {"engine.model": model, "mode": mode, "grpc.host": host, "grpc.port": port}
+        config = load_config(config_path).override({k: v for k, v in flags.items() if v is not None})
     except (ConfigError, ValueError, OSError) as error:
         click.echo(f"pdserve: invalid configuration: {error}", err=True)
         sys.exit(2)
@@ -89,7 +80,7 @@ def serve(
         # ray.init installs its own SIGTERM handler (it dumps a stack and aborts mid-shutdown): take it back
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         click.echo(
-            f"pdserve: serving {config.model} ({config.mode}) gRPC on {cluster.grpc_address}", err=True
+            f"pdserve: serving {config.engine.model} ({config.mode}) gRPC on {cluster.grpc_address}", err=True
         )
         while True:
             time.sleep(3600)
