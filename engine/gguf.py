@@ -7,7 +7,7 @@ rebuilt per submodule), so the header is parsed here in one pass (``GGUFHeader``
 applied to it: the config from transformers' own GGUF key mapping; each tensor dequantized to float32
 by ``gguf.quants.dequantize`` (what transformers calls), the q/k rows of ``llama`` files un-permuted
 back to Hugging Face's RoPE layout, names from ``gguf``'s tensor-name map. Result: bit for bit
-transformers' state dict and config (``tests/engine/test_engine_gguf.py`` checks both) in ~5 s. The
+transformers' state dict and config (``tests/engine/test_engine_gguf.py`` checks both) in ~3 s. The
 tokenizer and chat template come from ``AutoTokenizer`` itself (~4 s). Only local files are read.
 """
 
