@@ -1,8 +1,25 @@
-"""Incremental detokenization and stop-string detection for one request."""
+"""Incremental detokenization and stop-string detection for one request.
+
+Offset scheme (as vLLM's and Hugging Face's ``TextStreamer``): each step decodes only a short window of
+recent tokens, never the whole output again, so a request's detokenization costs O(output length)::
+
+    tokens:  [ settled ............ | context | unsettled ]
+                                    ^ prefix_offset     ^ read_offset
+
+The text of the unsettled tokens is ``decode(context + unsettled)`` minus ``decode(context)``: decoding
+with a few tokens of context keeps what depends on neighbours right (SentencePiece's leading space, a
+character split over byte tokens). Tokens settle once that text is non-empty and does not end in U+FFFD
+(the tail of an incomplete UTF-8 character); their text then never changes. A run of tokens that keeps
+ending in U+FFFD (invalid bytes) settles anyway after ``_MAX_UNSETTLED_TOKENS``, all but the last four
+(a UTF-8 character spans at most four tokens).
+"""
 
 from __future__ import annotations
 
 from engine.tokenizer import Tokenizer
+
+_MAX_UNSETTLED_TOKENS = 8
+_KEEP_UNSETTLED_TOKENS = 4  # bytes of one UTF-8 character, at most
 
 
 class StopStringChecker:
@@ -16,28 +33,58 @@ class StopStringChecker:
         self.tokenizer = tokenizer
         self.stop = stop
         self.hold_back = max((len(s) for s in stop), default=1) - 1
-        self.text = ""  # the whole output text so far (stop string excluded once found)
-        self.num_emitted_chars = 0
         self.is_stopped = False
+        self._token_ids: list[int] = []  # the output so far
+        self._prefix_offset = 0  # tokens [prefix_offset, read_offset): context, decoded again each step
+        self._read_offset = 0  # tokens before it are settled: their text is final
+        self._unsent = ""  # settled text not taken yet (cut before the stop string once found)
+        self._unsettled = ""  # text of the tokens from read_offset on; may end in U+FFFD
 
     def update(self, output_token_ids: list[int]) -> bool:
-        """Re-decode the output; True when a stop string appeared (text is cut before it)."""
-        previous_len = len(self.text)
-        self.text = self.tokenizer.decode(output_token_ids)
-        search_from = max(0, previous_len - self.hold_back - 1)
-        found = [i for i in (self.text.find(stop, search_from) for stop in self.stop) if i != -1]
+        """Decode the tokens added since the last call; True when a stop string appeared (the text is cut
+        before the earliest one). ``output_token_ids`` is the whole output: it only ever grows."""
+        if self.is_stopped or len(output_token_ids) == len(self._token_ids):
+            return self.is_stopped
+        self._token_ids.extend(output_token_ids[len(self._token_ids) :])
+        # a stop string not found before ends in the new text: it starts at most hold_back chars earlier
+        search_from = max(0, len(self._unsent) - self.hold_back)
+        self._decode_new_tokens()
+        text = self._unsent + self._unsettled
+        found = [i for i in (text.find(stop, search_from) for stop in self.stop) if i != -1]
         if found:
-            self.text = self.text[: min(found)]  # the earliest stop string wins
+            self._unsent, self._unsettled = text[: min(found)], ""  # the earliest stop string wins
             self.is_stopped = True
         return self.is_stopped
 
     def take_new_text(self, is_finished: bool) -> str:
-        """Text not emitted yet that is safe to emit."""
-        end = len(self.text)
-        if not is_finished:
-            end = max(self.num_emitted_chars, end - self.hold_back)
-            while end > self.num_emitted_chars and self.text[end - 1] == "\ufffd":
-                end -= 1
-        new_text = self.text[self.num_emitted_chars : end]
-        self.num_emitted_chars = end
+        """Text not taken yet that is safe to emit (all of it once the request is finished)."""
+        if is_finished:  # nothing follows: an incomplete character stays U+FFFD
+            self._unsent, self._unsettled = self._unsent + self._unsettled, ""
+            end = len(self._unsent)
+        else:
+            end = max(0, len(self._unsent) - self.hold_back)
+        new_text, self._unsent = self._unsent[:end], self._unsent[end:]
         return new_text
+
+    def _decode_new_tokens(self) -> None:
+        num_tokens = len(self._token_ids)
+        text = self._text_of_tokens_until(num_tokens)
+        if text and not text.endswith("\ufffd"):
+            self._settle(num_tokens, text)
+            text = ""
+        elif num_tokens - self._read_offset > _MAX_UNSETTLED_TOKENS:
+            end = num_tokens - _KEEP_UNSETTLED_TOKENS
+            self._settle(end, self._text_of_tokens_until(end))
+            text = self._text_of_tokens_until(num_tokens)
+        self._unsettled = text
+
+    def _text_of_tokens_until(self, end: int) -> str:
+        """The text of tokens [read_offset, end), decoded after the context tokens."""
+        context = self._token_ids[self._prefix_offset : self._read_offset]
+        context_text = self.tokenizer.decode(context)
+        return self.tokenizer.decode(self._token_ids[self._prefix_offset : end])[len(context_text) :]
+
+    def _settle(self, end: int, text: str) -> None:
+        """Tokens up to ``end`` are final: append their text; they become the next context."""
+        self._unsent += text
+        self._prefix_offset, self._read_offset = self._read_offset, end
