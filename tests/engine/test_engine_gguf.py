@@ -183,9 +183,12 @@ def _llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def _write_gguf(path: Path, hf_model, architecture: str) -> None:
-    """``hf_model`` as a float32 GGUF the way llama.cpp's converter writes it (no tokenizer)."""
+def _write_gguf(path: Path, hf_model, architecture: str, weight_type: str = "F32") -> None:
+    """``hf_model`` as a GGUF the way llama.cpp's converter writes it (no tokenizer): matrices in
+    ``weight_type`` (a ``gguf.GGMLQuantizationType`` name), norms and biases in float32."""
     import gguf
+
+    qtype = gguf.GGMLQuantizationType[weight_type]
 
     config = hf_model.config
     arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
@@ -210,7 +213,11 @@ def _write_gguf(path: Path, hf_model, architecture: str) -> None:
             weights = _llama_cpp_permute(weights, config.num_attention_heads)
         elif architecture == "llama" and ".attn_k." in gguf_name:
             weights = _llama_cpp_permute(weights, config.num_key_value_heads)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(weights))
+        weights = np.ascontiguousarray(weights)
+        if weights.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(weights, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, weights)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -252,6 +259,22 @@ def test_tiny_gguf_matches_the_model_it_was_written_from(tmp_path: Path, archite
         assert tokens_of(outputs[f"r{index}"]) == reference.token_ids
         assert (logits_of(outputs[f"r{index}"]) - reference.logits).abs().max().item() <= 1e-4
     assert_pool_empty(engine)
+
+
+@pytest.mark.parametrize("weight_type", ["F16", "BF16", "Q8_0", "Q4_1"])
+def test_tiny_quantized_gguf_weights_are_transformers_dequantized_weights(
+    tmp_path: Path, weight_type: str
+) -> None:
+    """Each storage type dequantizes bit for bit as transformers' own GGUF loader does."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / f"tiny-{weight_type}.gguf"
+    _write_gguf(path, _tiny_hf_model("llama"), "llama", weight_type)
+    engine = LLMEngine(EngineConfig(model=str(path), kv_cache_bytes=2**20), tokenizer=ByteTokenizer())
+    expected = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    for name, tensor in expected.state_dict().items():
+        module_name, _, attribute = name.rpartition(".")
+        assert torch.equal(getattr(engine.model.get_submodule(module_name), attribute), tensor), name
 
 
 def test_directory_with_one_gguf_loads_two_are_refused(tmp_path: Path) -> None:
