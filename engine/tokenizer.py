@@ -9,6 +9,10 @@ from engine.builtin import BOS_TOKEN_ID, BYTE_VOCAB, EOS_TOKEN_ID, PAD_TOKEN_ID,
 from engine.gguf import find_gguf_file, load_gguf_tokenizer
 
 
+class NoChatTemplateError(ValueError):
+    """A chat (``messages``) prompt for a model whose tokenizer has no chat template."""
+
+
 class Tokenizer(Protocol):
     """What the engine and the workers use of a tokenizer."""
 
@@ -25,6 +29,7 @@ class ByteTokenizer:
     bos_token_id = BOS_TOKEN_ID
     eos_token_id = EOS_TOKEN_ID
     pad_token_id = PAD_TOKEN_ID
+    chat_template: str | None = None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Text to token ids: BOS then one token per UTF-8 byte."""
@@ -34,6 +39,10 @@ class ByteTokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         """Token ids to text; special and padding ids are dropped, broken UTF-8 becomes U+FFFD."""
         return bytes(t for t in token_ids if 0 <= t < BYTE_VOCAB).decode("utf-8", errors="replace")
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The built-in model has no chat template: always ``NoChatTemplateError``."""
+        raise NoChatTemplateError("the built-in model's byte tokenizer has no chat template")
 
 
 class HFTokenizer:
@@ -56,7 +65,7 @@ class HFTokenizer:
         """``[{"role", "content"}, ...]`` rendered with the checkpoint's chat template, ending with the
         assistant's generation prompt, as ids (the template's own special tokens, nothing added)."""
         if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template")
+            raise NoChatTemplateError("this checkpoint's tokenizer has no chat template")
         encoded = self.hf_tokenizer.apply_chat_template(
             [dict(message) for message in messages],
             add_generation_prompt=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from engine.llm_engine import LLMEngine
 from engine.loader import load_hf_config
 from engine.model_config import UnsupportedModelError
 from engine.sampling import SamplingParams
-from engine.tokenizer import ByteTokenizer
+from engine.tokenizer import ByteTokenizer, HFTokenizer, NoChatTemplateError
 from tests.engine.engine_helpers import (
     assert_pool_empty,
     greedy,
@@ -110,6 +111,11 @@ def test_smollm2_shape_and_chat_template(smollm2_engine, chat_prompts) -> None:
     question = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
     assert rendered.endswith(question + "<|im_start|>assistant\n")
     assert smollm2_engine.layout_fingerprint().startswith("SmolLM2-135M-Instruct.Q4_1@")
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(NoChatTemplateError):
+        ByteTokenizer().encode_chat(messages)
+    with pytest.raises(NoChatTemplateError):
+        HFTokenizer(SimpleNamespace(eos_token_id=0, chat_template=None)).encode_chat(messages)
 
 
 def test_smollm2_weights_are_transformers_dequantized_weights(smollm2_engine, smollm2_hf) -> None:
