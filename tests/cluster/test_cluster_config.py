@@ -177,6 +177,7 @@ def test_a_cuda_pool_parses_but_the_start_refuses_without_a_gpu() -> None:
     """A GPU cluster's YAML parses on any machine; the start (here, and in each replica) refuses it."""
     import torch
 
+    from cluster.deployments import _build_engine
     from cluster.embedded import EmbeddedCluster
 
     if torch.cuda.is_available():
@@ -187,7 +188,7 @@ def test_a_cuda_pool_parses_but_the_start_refuses_without_a_gpu() -> None:
     with pytest.raises(ConfigError, match=r"^prefill\.device: cuda requested but torch sees no GPU"):
         EmbeddedCluster(config).start()  # refused before Ray starts
     with pytest.raises(ConfigError, match=r"^decode\.device: cuda requested but torch sees no GPU"):
-        config.check_devices(("decode",))  # what each decode replica's constructor runs
+        _build_engine(config, "decode", None)  # what each decode replica's constructor runs first
 
 
 def test_autoscaling_section_feeds_the_serve_policy_kwargs() -> None:
