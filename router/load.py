@@ -134,18 +134,6 @@ class LoadTable:
         """Mean queued prefill tokens over members (unreported workers count as 0)."""
         return self._total_queued / len(self._members) if self._members else 0.0
 
-    def high_watermark(self) -> float:
-        """Current high watermark in queued prefill tokens (see RouterConfig)."""
-        return max(
-            self._config.high_watermark_tokens, self._config.high_load_factor * self.mean_queued_tokens()
-        )
-
-    def low_watermark(self) -> float:
-        """Current low watermark in queued prefill tokens (see RouterConfig)."""
-        return max(
-            self._config.low_watermark_tokens, self._config.low_load_factor * self.mean_queued_tokens()
-        )
-
     def is_hot(self, worker_id: str) -> bool:
         """Whether the worker is above its watermark (entered above high, not yet below low)."""
         return worker_id in self._hot
