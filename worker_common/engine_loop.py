@@ -57,7 +57,6 @@ class EngineLoop:
         ] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self.stats: EngineStats = engine.stats()
-        self.num_steps = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -84,7 +83,6 @@ class EngineLoop:
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
-                    self.num_steps += 1
                     if outputs:
                         self._on_outputs(outputs)
                 if self._housekeeping is not None:
