@@ -80,13 +80,13 @@ Side = PdserveSide | TransformersSide
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What one run measures (the command line's options, less the thread count and the clock)."""
+    """What one run measures: the command line's options but ``--threads`` (defaults live on the options)."""
 
-    repeats: int = 3
-    decode_prompt_len: int = 128
-    decode_tokens: int = 64
-    clock: str = "wall"
-    breakdown_batch: int = 32
+    repeats: int
+    decode_prompt_len: int
+    decode_tokens: int
+    clock: str
+    breakdown_batch: int
 
 
 def measure(sides: tuple[Side, Side], args: BenchSettings) -> dict[str, tuple[float, float]]:
