@@ -22,3 +22,19 @@ def renamed_option(old: str, new: str) -> Callable[[Callable[..., Any]], Callabl
             raise click.UsageError(f"{old} was removed: use {new} {value}", ctx=ctx)
 
     return click.option(old, hidden=True, expose_value=False, callback=refuse, is_eager=True)
+
+
+def server_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--server HOST:PORT`` (the gRPC API a client command calls), and the old ``--address`` refused."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = renamed_option("--address", "--server")(command)
+        return click.option(
+            "--server",
+            default=DEFAULT_SERVER,
+            show_default=True,
+            metavar="HOST:PORT",
+            help="gRPC API address.",
+        )(command)
+
+    return decorate

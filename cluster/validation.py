@@ -5,14 +5,19 @@ The gRPC server parses the request bytes into the private twin ``GenerateRequest
 invalid UTF-8 and negative numbers are reported by field instead of failing deserialization.
 ``validate`` turns the twin into a ``ValidRequest`` or raises ``RequestError`` carrying the gRPC status
 code and a message that starts with the field name (``"max_tokens: must be > 0, got 0"``).
+
+A ``messages`` prompt (a conversation) is rendered with the model's chat template by ``encode_chat``
+(``engine.tokenizer``: ``add_generation_prompt``); ``chat_prompt_ids`` is the one place its rules live
+(roles, a model without a template), for the gRPC API and any other front end. Its requests also stop at
+the template's end-of-turn token (``ModelLimits.chat_stop_token_ids``) when that is not the EOS token.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -21,6 +26,10 @@ from worker_common.messages import SamplingSpec
 
 MAX_STOP_STRINGS = 16
 MAX_ID_LENGTH = 256
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_CHAT_MESSAGES = 1024
+
+EncodeChat = Callable[[Sequence[Mapping[str, str]]], list[int]]
 
 
 class RequestError(Exception):
@@ -55,6 +64,8 @@ class ModelLimits:
 
     vocab_size: int
     max_model_len: int  # context length: prompt + generated tokens
+    # a chat request's extra stop tokens: the template's end-of-turn token where it is not EOS
+    chat_stop_token_ids: tuple[int, ...] = ()
 
 
 def parse_generate_request(data: bytes) -> pdserve_wire_pb2.GenerateRequestWire | WireParseFailure:
@@ -84,16 +95,45 @@ def _check_ids(field: str, token_ids: Sequence[int], vocab_size: int) -> None:
             raise _invalid(f"{field}[{index}]: {token_id} is outside the vocabulary [0, {vocab_size})")
 
 
+def chat_prompt_ids(
+    messages: Sequence[Mapping[str, str]], encode_chat: EncodeChat | None, field: str = "messages"
+) -> list[int]:
+    """A conversation's prompt ids: every message a known role, rendered by ``encode_chat`` (the
+    model's chat template with the assistant's generation prompt). ``RequestError`` names ``field``
+    (``messages[1].role: ...``) or says the model has no chat template."""
+    from engine.tokenizer import NoChatTemplateError
+
+    if not messages:
+        raise _invalid(f"{field}: the conversation is empty (at least one message)")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise _invalid(f"{field}: at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
+    for index, message in enumerate(messages):
+        if message.get("role") not in CHAT_ROLES:
+            raise _invalid(
+                f"{field}[{index}].role: must be one of {', '.join(CHAT_ROLES)}, got {message.get('role')!r}"
+            )
+    if encode_chat is None:
+        raise _invalid(f"{field}: this server does not render chat prompts")
+    try:
+        return list(encode_chat([{"role": m["role"], "content": m.get("content", "")} for m in messages]))
+    except NoChatTemplateError as error:
+        message = f"{field}: the served model has no chat template ({error}); send text or token_ids"
+        raise _invalid(message) from None
+
+
 def validate(
     wire: pdserve_wire_pb2.GenerateRequestWire,
     encode: Callable[[str], list[int]],
     limits: ModelLimits,
+    encode_chat: EncodeChat | None = None,
 ) -> ValidRequest:
     """Check every field of ``wire``; raise ``RequestError`` on the first bad one."""
-    prompt_ids = _prompt_ids(wire, encode, limits.vocab_size)
+    prompt_ids = _prompt_ids(wire, encode, limits.vocab_size, encode_chat)
     sampling = _sampling(wire, limits.vocab_size)
     num_prompt = len(prompt_ids)
-    prompt_field = "text" if wire.WhichOneof("prompt") == "text" else "token_ids"
+    prompt_field = wire.WhichOneof("prompt")
+    if prompt_field == "messages":
+        sampling = with_chat_stops(sampling, limits)
     if num_prompt >= limits.max_model_len:
         raise RequestError(
             grpc.StatusCode.OUT_OF_RANGE,
@@ -118,12 +158,33 @@ def validate(
     )
 
 
+def with_chat_stops(sampling: SamplingSpec, limits: ModelLimits) -> SamplingSpec:
+    """``sampling`` that also stops at the chat template's end-of-turn token(s)."""
+    extra = tuple(t for t in limits.chat_stop_token_ids if t not in sampling.stop_token_ids)
+    return replace(sampling, stop_token_ids=sampling.stop_token_ids + extra) if extra else sampling
+
+
+def _wire_messages(wire: pdserve_wire_pb2.GenerateRequestWire) -> list[dict[str, str]]:
+    return [
+        {
+            "role": _utf8(f"messages[{index}].role", message.role),
+            "content": _utf8(f"messages[{index}].content", message.content),
+        }
+        for index, message in enumerate(wire.messages.messages)
+    ]
+
+
 def _prompt_ids(
-    wire: pdserve_wire_pb2.GenerateRequestWire, encode: Callable[[str], list[int]], vocab_size: int
+    wire: pdserve_wire_pb2.GenerateRequestWire,
+    encode: Callable[[str], list[int]],
+    vocab_size: int,
+    encode_chat: EncodeChat | None,
 ) -> list[int]:
     which = wire.WhichOneof("prompt")
     if which is None:
-        raise _invalid("text: the prompt is empty (set text or token_ids)")
+        raise _invalid("text: the prompt is empty (set text, token_ids or messages)")
+    if which == "messages":
+        return chat_prompt_ids(_wire_messages(wire), encode_chat)
     if which == "text":
         text = _utf8("text", wire.text)
         if not text:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/pdserve_wire.proto\x12\x0fpdserve.v1.wire\"\x1b\n\x0cTokenIdsWire\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"\xda\x02\n\x13GenerateRequestWire\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12\x32\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1d.pdserve.v1.wire.TokenIdsWireH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\x03\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\x0c\x12\x16\n\x0estop_token_ids\x18\t \x03(\x04\x12\x11\n\ttenant_id\x18\n \x01(\x0c\x12\x12\n\nrequest_id\x18\x0b \x01(\x0c\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/pdserve_wire.proto\x12\x0fpdserve.v1.wire\"\x1b\n\x0cTokenIdsWire\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"0\n\x0f\x43hatMessageWire\x12\x0c\n\x04role\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"F\n\x10\x43hatMessagesWire\x12\x32\n\x08messages\x18\x01 \x03(\x0b\x32 .pdserve.v1.wire.ChatMessageWire\"\x91\x03\n\x13GenerateRequestWire\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12\x32\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1d.pdserve.v1.wire.TokenIdsWireH\x00\x12\x35\n\x08messages\x18\r \x01(\x0b\x32!.pdserve.v1.wire.ChatMessagesWireH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\x03\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\x0c\x12\x16\n\x0estop_token_ids\x18\t \x03(\x04\x12\x11\n\ttenant_id\x18\n \x01(\x0c\x12\x12\n\nrequest_id\x18\x0b \x01(\x0c\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIDSWIRE']._serialized_start=46
   _globals['_TOKENIDSWIRE']._serialized_end=73
-  _globals['_GENERATEREQUESTWIRE']._serialized_start=76
-  _globals['_GENERATEREQUESTWIRE']._serialized_end=422
+  _globals['_CHATMESSAGEWIRE']._serialized_start=75
+  _globals['_CHATMESSAGEWIRE']._serialized_end=123
+  _globals['_CHATMESSAGESWIRE']._serialized_start=125
+  _globals['_CHATMESSAGESWIRE']._serialized_end=195
+  _globals['_GENERATEREQUESTWIRE']._serialized_start=198
+  _globals['_GENERATEREQUESTWIRE']._serialized_end=599
 # @@protoc_insertion_point(module_scope)

@@ -12,10 +12,25 @@ class TokenIdsWire(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class ChatMessageWire(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: bytes
+    content: bytes
+    def __init__(self, role: _Optional[bytes] = ..., content: _Optional[bytes] = ...) -> None: ...
+
+class ChatMessagesWire(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessageWire]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessageWire, _Mapping]]] = ...) -> None: ...
+
 class GenerateRequestWire(_message.Message):
-    __slots__ = ("text", "token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "tenant_id", "request_id", "ignore_eos")
+    __slots__ = ("text", "token_ids", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "tenant_id", "request_id", "ignore_eos")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +43,7 @@ class GenerateRequestWire(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     text: bytes
     token_ids: TokenIdsWire
+    messages: ChatMessagesWire
     max_tokens: int
     temperature: float
     top_p: float
@@ -38,4 +54,4 @@ class GenerateRequestWire(_message.Message):
     tenant_id: bytes
     request_id: bytes
     ignore_eos: bool
-    def __init__(self, text: _Optional[bytes] = ..., token_ids: _Optional[_Union[TokenIdsWire, _Mapping]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[bytes]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., tenant_id: _Optional[bytes] = ..., request_id: _Optional[bytes] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    def __init__(self, text: _Optional[bytes] = ..., token_ids: _Optional[_Union[TokenIdsWire, _Mapping]] = ..., messages: _Optional[_Union[ChatMessagesWire, _Mapping]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[bytes]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., tenant_id: _Optional[bytes] = ..., request_id: _Optional[bytes] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
