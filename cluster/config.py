@@ -18,6 +18,7 @@ Example (every field optional)::
     decode: {num_replicas: 1, num_cpus: 0.5, device: cpu}
     autoscaling: {decode: {target_kv_blocks_used_fraction: 0.7}}
     grpc: {host: 127.0.0.1, port: 50051}
+    http: {enabled: true, host: 127.0.0.1, port: 8000}   # the OpenAI-compatible API
 
 Derived values (the router's block size, a pool's device and dtype when left out) are filled in by the
 validators and stay out of ``model_fields_set``, so ``override`` derives them again from the new values.
@@ -51,6 +52,7 @@ __all__ = [
     "ClusterConfig",
     "ConfigError",
     "GrpcConfig",
+    "HttpConfig",
     "PoolConfig",
     "config_from_dict",
     "load_config",
@@ -115,6 +117,15 @@ class GrpcConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0: any free port
 
 
+class HttpConfig(_Section):
+    """Where the OpenAI-compatible HTTP API listens (each ingress replica serves it beside gRPC)."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", min_length=1)  # embedded default: loopback only
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port
+    max_body_bytes: PositiveInt = 8 * 2**20  # a larger request body is refused with 413
+
+
 class AutoscalingConfig(_Section):
     """The pool policies' knobs (Serve's ``policy_kwargs``); used by pools that set min/max_replicas."""
 
@@ -139,6 +150,7 @@ class ClusterConfig(_Section):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     @model_validator(mode="after")
     def _check_and_derive(self) -> ClusterConfig:

@@ -4,6 +4,7 @@ Used by ``pdserve serve`` (no ``--ray-address``), the tests and the benchmarks::
 
     with EmbeddedCluster(ClusterConfig()) as cluster:
         print(cluster.grpc_address)     # "127.0.0.1:50051"
+        print(cluster.http_address)     # "127.0.0.1:8000" (the OpenAI API; "" when http.enabled is off)
 
 Ray is started with ``include_dashboard=False``, a ``_temp_dir`` under /tmp, and bound to 127.0.0.1 as
 far as Ray allows (its core processes still listen on all interfaces; see docs/operations.md). Serve
@@ -70,6 +71,7 @@ class EmbeddedCluster:
         self.num_cpus = num_cpus
         self.ready_timeout_s = ready_timeout_s
         self.grpc_address = ""
+        self.http_address = ""
         self._owns_ray = False
         self._has_ray = False  # start() got as far as Ray: stop() has something to clean up
 
@@ -86,6 +88,7 @@ class EmbeddedCluster:
         started = time.perf_counter()
         handle = serve.run(build_application(self.config), name=self.config.app_name, route_prefix=None)
         self.grpc_address = handle.grpc_address.remote().result(timeout_s=self.ready_timeout_s)
+        self.http_address = handle.http_address.remote().result(timeout_s=self.ready_timeout_s)
         logger.info(
             "pdserve app %r up in %.1fs on %s",
             self.config.app_name,

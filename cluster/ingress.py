@@ -11,6 +11,10 @@ is importable (``ray/_private/workers/default_worker.py``, ``RAY_USE_UVLOOP`` on
 runs the replica's code on a loop from ``asyncio.new_event_loop()`` in its own thread, so that loop is a
 ``uvloop.Loop``. That is why uvloop is a declared dependency: Ray does not require it. The replica
 reports its loop class (``event_loop``) and warns when it is not uvloop.
+
+With ``http.enabled`` (the default) the replica also serves the OpenAI-compatible HTTP API
+(``cluster.openai_api``: Starlette on uvicorn, same loop) on ``http.host:http.port``, over the same
+``RequestPath``; it starts and stops with the gRPC server.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 from cluster.config import config_from_dict
 from cluster.model_info import load_model_info
+from cluster.openai_api.app import OpenAIApp
+from cluster.openai_api.server import HttpServer
 from cluster.request_path import RequestPath
 from cluster.servicer import PDServeServicer, make_server
 
@@ -35,7 +41,14 @@ class IngressDeployment:
         self.path = RequestPath(config, load_model_info(config), prefill, decode)
         self.servicer = PDServeServicer(self.path)
         self.server, self.port = make_server(self.servicer, config.grpc.host, config.grpc.port)
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            ready = getattr(self.servicer, "pools_ready", None) or self.servicer._pools_ready
+            api = OpenAIApp(self.path, ready, config.http.max_body_bytes)
+            self.http = HttpServer(api.app, config.http.host, config.http.port)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         loop = asyncio.get_running_loop()
         self._warm_up = loop.create_task(self.path.warm_up())
         self.address = f"{config.grpc.host}:{self.port}"
@@ -43,10 +56,16 @@ class IngressDeployment:
         if not self.loop_class.startswith("uvloop."):
             logger.warning("ingress event loop is %s, not uvloop (is uvloop installed?)", self.loop_class)
         logger.info("pdserve gRPC API on %s (event loop %s)", self.address, self.loop_class)
+        if self.http is not None:
+            logger.info("pdserve OpenAI HTTP API on http://%s", self.http.address)
 
     async def grpc_address(self) -> str:
         """Where this replica's gRPC API listens (``host:port``; the port is the bound one)."""
         return self.address
+
+    async def http_address(self) -> str:
+        """Where this replica's OpenAI HTTP API listens (``host:port``, the bound port); "" when disabled."""
+        return self.http.address if self.http is not None else ""
 
     async def event_loop(self) -> str:
         """The class of the event loop the gRPC server runs on (``uvloop.Loop`` when uvloop is installed)."""
@@ -59,5 +78,8 @@ class IngressDeployment:
 
     async def __del__(self) -> None:
         server, self.server = self.server, None
+        http, self.http = getattr(self, "http", None), None
+        if http is not None:
+            await http.stop()
         if server is not None:
             await server.stop(grace=1.0)

@@ -111,6 +111,7 @@ def main(streams: str, max_tokens: int, prompt_tokens: int, repeats: int, decode
             "prefill": {"num_cpus": 0.5, **pool},
             "decode": {"num_cpus": decode_cpus, **pool},
             "grpc": {"port": 0},
+            "http": {"port": 0},
         }
     )
     with EmbeddedCluster(config) as cluster:

@@ -35,6 +35,7 @@ def cluster_config(
             "prefill": {"num_replicas": num_prefill, **pool},
             "decode": {"num_replicas": num_decode, **pool},
             "grpc": {"port": 0},
+            "http": {"port": 0},
         }
     )
     merged = {**(changes or {}), **top_level}

@@ -1,0 +1,156 @@
+"""Which HTTP stack streams SSE best: Starlette on uvicorn (uvloop, httptools) or aiohttp (uvloop).
+
+``python -m cluster.bench.http_stack``: for each stack a server process streams ``--chunks`` small SSE
+chunks (an OpenAI completion chunk each, one event-loop turn between chunks, as tokens arrive) per
+request; a client process (aiohttp) opens 1, 16 and 32 concurrent streams on loopback. Printed per
+stack and concurrency: time to first byte (p50/p99), chunks/s, and the server's CPU per chunk (its
+``getrusage`` before and after, read through a ``/cpu`` route). docs/benchmarks.md holds the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import click
+
+CHUNK = (
+    "data: "
+    + json.dumps(
+        {
+            "id": "cmpl-x",
+            "object": "text_completion",
+            "created": 0,
+            "model": "m",
+            "choices": [{"index": 0, "text": " tok", "finish_reason": None}],
+        }
+    )
+    + "\n\n"
+).encode()
+
+
+async def _chunks(num_chunks: int) -> AsyncIterator[bytes]:
+    for _ in range(num_chunks):
+        yield CHUNK
+        await asyncio.sleep(0)  # a token arrives from elsewhere: one loop turn per chunk
+    yield b"data: [DONE]\n\n"
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _serve_starlette(port: int, num_chunks: int) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def stream(request: Request) -> StreamingResponse:
+        await request.body()
+        return StreamingResponse(_chunks(num_chunks), media_type="text/event-stream")
+
+    async def cpu(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(_cpu_s()))
+
+    app = Starlette(routes=[Route("/s", stream, methods=["POST"]), Route("/cpu", cpu)])
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
+                access_log=False)
+
+
+def _serve_aiohttp(port: int, num_chunks: int) -> None:
+    import uvloop
+    from aiohttp import web
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        async for chunk in _chunks(num_chunks):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def cpu(request: web.Request) -> web.Response:
+        return web.Response(text=str(_cpu_s()))
+
+    app = web.Application()
+    app.router.add_post("/s", stream)
+    app.router.add_get("/cpu", cpu)
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, handler_cancellation=True)
+
+
+SERVERS = {"starlette-uvicorn": _serve_starlette, "aiohttp": _serve_aiohttp}
+
+
+async def _measure(port: int, concurrency: int, rounds: int) -> dict[str, float]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> tuple[float, int]:
+            start, first, count = time.perf_counter(), 0.0, 0
+            async with session.post(f"http://127.0.0.1:{port}/s", data=b"{}") as response:
+                async for line in response.content:
+                    if line.startswith(b"data:"):
+                        first = first or time.perf_counter() - start
+                        count += 1
+            return first, count
+
+        async def server_cpu() -> float:
+            async with session.get(f"http://127.0.0.1:{port}/cpu") as response:
+                return float(await response.text())
+
+        await one()  # warm up
+        cpu_before, start = await server_cpu(), time.perf_counter()
+        results = []
+        for _ in range(rounds):
+            results += await asyncio.gather(*(one() for _ in range(concurrency)))
+        wall, cpu_after = time.perf_counter() - start, await server_cpu()
+    ttfbs = sorted(first for first, _ in results)
+    num_chunks = sum(count for _, count in results)
+    return {
+        "streams": concurrency,
+        "ttfb_p50_ms": round(statistics.median(ttfbs) * 1e3, 2),
+        "ttfb_p99_ms": round(ttfbs[int(0.99 * (len(ttfbs) - 1))] * 1e3, 2),
+        "chunks_per_s": round(num_chunks / wall),
+        "server_cpu_us_per_chunk": round((cpu_after - cpu_before) / num_chunks * 1e6, 1),
+    }
+
+
+@click.command()
+@click.option("--chunks", "num_chunks", default=256, show_default=True, help="SSE chunks per stream.")
+@click.option("--port", default=18101, show_default=True)
+@click.option("--serve", "serve_stack", type=click.Choice(sorted(SERVERS)), default=None, hidden=True)
+def main(num_chunks: int, port: int, serve_stack: str | None) -> None:
+    """Measure SSE streaming on both stacks (see the module docstring)."""
+    if serve_stack is not None:
+        SERVERS[serve_stack](port, num_chunks)
+        return
+    import uvloop
+
+    for stack in SERVERS:
+        command = [sys.executable, "-m", "cluster.bench.http_stack", "--serve", stack, "--port", str(port),
+                   "--chunks", str(num_chunks)]
+        server = subprocess.Popen(command)
+        try:
+            time.sleep(3.0)
+            for concurrency in (1, 16, 32):
+                result = uvloop.run(_measure(port, concurrency, rounds=20 if concurrency == 1 else 3))
+                click.echo(json.dumps({"stack": stack, **result}))
+        finally:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
