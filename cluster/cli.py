@@ -1,8 +1,9 @@
 """The ``pdserve`` command: ``serve`` (run the cluster), ``generate`` and ``info`` (clients), ``bench``.
 
-``pdserve serve`` with no arguments starts an embedded local Ray, the built-in model, one prefill and
-one decode replica on fractional CPUs, and the gRPC API on 127.0.0.1:50051. Ctrl-C or SIGTERM deletes
-the application and shuts Serve and Ray down.
+``pdserve serve`` with no arguments starts an embedded local Ray, SmolLM2-135M-Instruct (bfloat16), one
+prefill and one decode replica on fractional CPUs, and the gRPC API on 127.0.0.1:50051. ``pdserve chat``
+talks with it (cluster/chat_cli.py); ``pdserve generate --chat TEXT`` sends one user message. Ctrl-C or
+SIGTERM deletes the application and shuts Serve and Ray down.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import click
 import grpc
 
 from cluster.cli_options import DEFAULT_SERVER, renamed_option
-from cluster.config import ConfigError, load_config
+from cluster.config import MODES, ConfigError, load_config
 
 
 @click.group()
@@ -38,7 +39,10 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     help="Cluster YAML file (see docs/operations.md). Unknown fields are refused.",
 )
 @click.option(
-    "--model", default=None, help="Local Hugging Face checkpoint directory (default: built-in model)."
+    "--model",
+    default=None,
+    help="Model id (smollm2-135m-instruct, the default; pdserve-builtin-tiny: random test weights), a .gguf "
+    "file, or a local Hugging Face checkpoint directory.",
 )
 @click.option(
     "--ray-address",
@@ -47,26 +51,38 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     help="Join this running Ray cluster (e.g. auto, 10.0.0.1:6379, ray://head:10001) instead of "
     "starting a local one.",
 )
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default=None,
+    help="Serving and KV dtype (default bfloat16: faster on CPUs with AVX512-BF16).",
+)
 @renamed_option("--address", "--ray-address")
 @click.option("--host", default=None, help="Bind the gRPC API to this host (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="gRPC API port (default 50051; 0 picks a free one).")
 @click.option(
+    "--http-port", type=int, default=None, help="OpenAI HTTP API port (default 8000; 0 picks a free one)."
+)
+@click.option(
     "--mode",
-    type=click.Choice(["disaggregated", "colocated"]),
+    type=click.Choice(MODES),
     default=None,
     help="Override the config's mode.",
 )
 def serve(
     config_path: str | None,
     model: str | None,
+    dtype: str | None,
     ray_address: str | None,
     host: str | None,
     port: int | None,
+    http_port: int | None,
     mode: str | None,
 ) -> None:
     """Start the cluster and serve the gRPC API until Ctrl-C / SIGTERM."""
     try:
-        flags = {"engine.model": model, "mode": mode, "grpc.host": host, "grpc.port": port}
+        flags = {"engine.model": model, "engine.dtype": dtype, "mode": mode}
+        flags |= {"grpc.host": host, "grpc.port": port, "http.port": http_port}
         config = load_config(config_path).override({k: v for k, v in flags.items() if v is not None})
     except (ConfigError, ValueError, OSError) as error:
         click.echo(f"pdserve: invalid configuration: {error}", err=True)
@@ -79,13 +95,18 @@ def serve(
         cluster.start()
         # ray.init installs its own SIGTERM handler (it dumps a stack and aborts mid-shutdown): take it back
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        http = f", OpenAI HTTP on http://{cluster.http_address}" if cluster.http_address else ""
         click.echo(
-            f"pdserve: serving {config.engine.model} ({config.mode}) gRPC on {cluster.grpc_address}", err=True
+            f"pdserve: serving {config.engine.model} ({config.mode}) gRPC on {cluster.grpc_address}{http}",
+            err=True,
         )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         click.echo("pdserve: shutting down", err=True)
+    except ConfigError as error:  # found at start, not while parsing (e.g. cuda asked, no GPU seen)
+        click.echo(f"pdserve: invalid configuration: {error}", err=True)
+        sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         cluster.stop()
@@ -105,6 +126,7 @@ def serve(
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--tenant", default="", help="Tenant id (prefix-cache isolation).")
 @click.option("--ignore-eos", is_flag=True)
+@click.option("--chat", "as_chat", is_flag=True, help="Send TEXT as one user message (the chat template).")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for the whole call.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print token ids, text, usage, timings and route as JSON."
@@ -120,6 +142,7 @@ def generate(
     stop: tuple[str, ...],
     tenant: str,
     ignore_eos: bool,
+    as_chat: bool,
     timeout: float,
     as_json: bool,
 ) -> None:
@@ -128,8 +151,12 @@ def generate(
     from protos import pdserve_pb2 as pb
 
     request = pb.GenerateRequest(
-        text=text, max_tokens=max(0, max_tokens), stop=list(stop), tenant_id=tenant, ignore_eos=ignore_eos
+        max_tokens=max(0, max_tokens), stop=list(stop), tenant_id=tenant, ignore_eos=ignore_eos
     )
+    if as_chat:
+        request.messages.messages.add(role="user", content=text)
+    else:
+        request.text = text
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if value is not None:
             setattr(request, name, value)
@@ -174,8 +201,10 @@ def info(server: str) -> None:
 
 def _register_bench() -> None:
     from cluster.bench.cli import bench
+    from cluster.chat_cli import chat
 
     main.add_command(bench)
+    main.add_command(chat)
 
 
 _register_bench()

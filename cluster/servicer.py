@@ -92,7 +92,8 @@ class PDServeServicer:
         if isinstance(wire, WireParseFailure):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, wire.message)
         try:
-            request = validate(wire, self.path.model.tokenizer.encode, self.path.model.limits)
+            tokenizer = self.path.model.tokenizer
+            request = validate(wire, tokenizer.encode, self.path.model.limits, tokenizer.encode_chat)
         except RequestError as error:
             await context.abort(error.code, error.message)
         stream = self.path.generate(request)

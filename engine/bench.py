@@ -1,8 +1,12 @@
-"""``python -m engine.bench``: pdserve's engine vs ``transformers`` ``generate`` on the built-in model.
+"""``python -m engine.bench``: pdserve's engine vs ``transformers`` ``generate`` on the same weights.
+
+``--model`` names the checkpoint (default: the random built-in model; ``smollm2-135m-instruct``, a GGUF
+file or a Hugging Face directory load the same weights on both sides: transformers reads a GGUF with
+``from_pretrained(dir, gguf_file=...)``, dequantized like the engine), ``--dtype`` the serving dtype.
 
 Prints one side-by-side table: prefill tokens/s at 512 and 2048 prompt tokens; decode tokens/s at
 batch 1, 8 and 32. Both sides run the same weights, the same prompts (equal lengths, so transformers
-needs no padding), greedy, float32, on the same torch thread count, the two sides interleaved run by
+needs no padding), greedy, the same dtype, on the same torch thread count, the two sides interleaved run by
 run. Decode time is measured the same way on both sides: time(prompt + N new tokens) - time(prompt +
 1 new token) on other prompts of the same length (no prefix-cache hit), over ``B * (N - 1)`` tokens.
 """
@@ -20,7 +24,7 @@ import click
 import torch
 
 from engine.attention import AttentionMetadata, build_decode_mask
-from engine.builtin import build_builtin_hf_model
+from engine.builtin import BUILTIN_MODEL_ID, build_builtin_hf_model, resolve_model_path
 from engine.config import EngineConfig
 from engine.cpu_linear import TransposedLinear
 from engine.llm_engine import LLMEngine
@@ -87,6 +91,8 @@ class BenchSettings:
     decode_tokens: int
     clock: str
     breakdown_batch: int
+    prefill_lens: tuple[int, ...] = (512, 2048)
+    batches: tuple[int, ...] = (1, 8, 32)
 
 
 def measure(sides: tuple[Side, Side], args: BenchSettings) -> dict[str, tuple[float, float]]:
@@ -102,13 +108,13 @@ def measure(sides: tuple[Side, Side], args: BenchSettings) -> dict[str, tuple[fl
         ours, theirs = (num_tokens / statistics.median(t) for t in times)
         results[name] = (ours, theirs)
 
-    for length in (512, 2048):
+    for length in args.prefill_lens:
         row(
             f"prefill {length} tok",
             length,
             lambda side, seed, n=length: side.generate(_prompts(1, n, seed), 1),
         )
-    for batch in (1, 8, 32):
+    for batch in args.batches:
 
         def decode(side: Side, seed: int, b: int = batch) -> float:
             # Different prompts for the two runs: the second must not hit the first's prefix cache.
@@ -133,6 +139,29 @@ _CATEGORIES = {
 }
 OTHER_OPS = "other torch ops"
 UNTRACKED = "Python and framework"
+
+
+def load_transformers_model(model: str, dtype: str) -> torch.nn.Module:
+    """The transformers peer on the engine's weights: the built-in model, a GGUF file (dequantized by
+    transformers' own GGUF loader) or a Hugging Face directory, in ``dtype``."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from engine.gguf import find_gguf_file
+
+    if model == BUILTIN_MODEL_ID:
+        return build_builtin_hf_model(dtype)
+    path = resolve_model_path(model)
+    gguf_file = find_gguf_file(path)
+    torch_dtype = getattr(torch, dtype)
+    if gguf_file is not None:
+        directory, name = os.path.split(gguf_file)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        hf_model = hf_model.to(torch_dtype)  # dequantized to float32 first, as the engine does
+    else:
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    return hf_model.eval()
 
 
 def categorize(op_self_ms: dict[str, float], wall_ms: float) -> dict[str, float]:
@@ -318,11 +347,32 @@ def print_kernel_floor(engine: LLMEngine, theirs_tokens_per_s: float, args: Benc
     )
 
 
-@click.command(help="pdserve's engine vs transformers generate on the built-in model (one table).")
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"comma-separated integers, got {value!r}") from None
+    if any(number <= 0 for number in numbers):
+        raise click.BadParameter(f"every number must be > 0, got {value!r}")
+    return numbers
+
+
+@click.command(help="pdserve's engine vs transformers generate on the same weights (one table).")
+@click.option(
+    "--model",
+    default=BUILTIN_MODEL_ID,
+    show_default=True,
+    help="model id (smollm2-135m-instruct), a .gguf file or a Hugging Face directory",
+)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--decode-prompt-len", type=int, default=128, show_default=True)
 @click.option("--decode-tokens", type=int, default=64, show_default=True)
+@click.option("--batches", default="1,8,32", show_default=True, callback=_int_list, help="decode batch sizes")
+@click.option(
+    "--prefill-lens", default="512,2048", show_default=True, callback=_int_list, help="prefill prompt lengths"
+)
 @click.option(
     "--clock",
     type=click.Choice(sorted(_CLOCKS)),
@@ -337,25 +387,21 @@ def print_kernel_floor(engine: LLMEngine, theirs_tokens_per_s: float, args: Benc
     show_default=True,
     help="also profile one decode run per side at this batch and print where a step goes (0: off)",
 )
-def main(
-    threads: int | None,
-    repeats: int,
-    decode_prompt_len: int,
-    decode_tokens: int,
-    clock: str,
-    breakdown_batch: int,
-) -> None:
+def main(model: str, dtype: str, threads: int | None, **options: Any) -> None:
     if threads:
         torch.set_num_threads(threads)
-    args = BenchSettings(repeats, decode_prompt_len, decode_tokens, clock, breakdown_batch)
-    engine = LLMEngine(EngineConfig(kv_cache_bytes=512 * 2**20, max_num_batched_tokens=2048, max_num_seqs=64))
-    hf_model = build_builtin_hf_model()
+    args = BenchSettings(**options)
+    config = EngineConfig(
+        model=model, dtype=dtype, kv_cache_bytes=512 * 2**20, max_num_batched_tokens=2048, max_num_seqs=64
+    )
+    engine = LLMEngine(config)
+    hf_model = load_transformers_model(model, dtype)
     sides = (PdserveSide(engine, _CLOCKS[args.clock]), TransformersSide(hf_model, _CLOCKS[args.clock]))
     for side in sides:
         side.generate(_prompts(2, 64, 7), 4)  # warm-up
     results = measure(sides, args)
     print(
-        f"engine bench: built-in model {engine.layout_fingerprint()}, float32, torch threads "
+        f"engine bench: {model} {engine.layout_fingerprint()}, {dtype}, torch threads "
         f"{torch.get_num_threads()}, {args.clock} clock, decode = {args.decode_prompt_len}-token prompts"
         f" + {args.decode_tokens} new tokens, median of {args.repeats} (sides interleaved)"
     )
@@ -363,7 +409,8 @@ def main(
     print(f"|{'-' * 20}|{'-' * 12}|{'-' * 14}|{'-' * 8}|")
     for name, (ours, theirs) in results.items():
         print(f"| {name:<18} | {ours:>10.0f} | {theirs:>12.0f} | {ours / theirs:>5.2f}x |")
-    print_kernel_floor(engine, results["decode batch 32"][1], args)
+    if "decode batch 32" in results:
+        print_kernel_floor(engine, results["decode batch 32"][1], args)
     if args.breakdown_batch:
         print_breakdown(sides, args)
 

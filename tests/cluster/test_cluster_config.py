@@ -19,6 +19,37 @@ def test_defaults_are_the_embedded_default() -> None:
     assert config.mode == "disaggregated" and config.kv_transfer.backend == "shm"
 
 
+def test_the_default_model_is_smollm2_in_bfloat16_and_its_kv_pool_holds_32_chat_streams() -> None:
+    from engine.builtin import SMOLLM2_MODEL_ID
+    from engine.config import EngineConfig
+    from engine.kv_memory import KVShape
+
+    config = load_config(None)
+    assert (config.engine.model, config.engine.dtype) == (SMOLLM2_MODEL_ID, "bfloat16")
+    engine = config.engine_for("prefill")
+    assert type(engine) is EngineConfig and engine.model == SMOLLM2_MODEL_ID  # replicas get the defaults
+    smollm2 = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16")  # 23,040 B/token
+    assert smollm2.num_blocks(engine.kv_cache_bytes, engine.block_size) * engine.block_size >= 32 * 512
+    # a partial engine section keeps the cluster's defaults; the engine's own default stays the tiny model
+    partial = config_from_dict({"engine": {"block_size": 32}})
+    assert (partial.engine.model, partial.engine.dtype) == (SMOLLM2_MODEL_ID, "bfloat16")
+    assert EngineConfig().model == "pdserve-builtin-tiny"
+
+
+def test_model_accepts_ids_gguf_files_and_directories(tmp_path: Path) -> None:
+    from engine.builtin import BUILTIN_MODEL_ID, smollm2_gguf_path
+
+    for model in (BUILTIN_MODEL_ID, smollm2_gguf_path(), str(Path(smollm2_gguf_path()).parent)):
+        assert config_from_dict({"engine": {"model": model}}).engine.model == model
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^engine\.model: .* not a GGUF file"):
+        config_from_dict({"engine": {"model": str(tmp_path / "weights.bin")}})
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^engine\.model: .*2 GGUF files"):
+        config_from_dict({"engine": {"model": str(tmp_path)}})
+
+
 def test_yaml_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "cluster.yaml"
     path.write_text(
@@ -120,10 +151,10 @@ def test_pool_device_and_dtype_default_from_gpus_and_engine() -> None:
 
 
 def test_prefill_and_decode_kv_dtypes_must_match() -> None:
-    with pytest.raises(ConfigError, match=r"^decode\.dtype: must equal prefill\.dtype \(float32\)"):
-        config_from_dict({"decode": {"dtype": "bfloat16"}})
-    colocated = config_from_dict({"mode": "colocated", "decode": {"dtype": "bfloat16"}})  # no KV moves
-    assert colocated.engine_for("decode").dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=r"^decode\.dtype: must equal prefill\.dtype \(bfloat16\)"):
+        config_from_dict({"decode": {"dtype": "float32"}})
+    colocated = config_from_dict({"mode": "colocated", "decode": {"dtype": "float32"}})  # no KV moves
+    assert colocated.engine_for("decode").dtype == "float32"
 
 
 def test_shm_cannot_serve_gpu_memory_nor_cross_nodes() -> None:

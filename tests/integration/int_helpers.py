@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from cluster.config import ClusterConfig, config_from_dict
+from engine.builtin import BUILTIN_MODEL_ID
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc
 
@@ -30,7 +31,13 @@ def cluster_config(
     pool = {"num_cpus": 0.25, "torch_threads": 1}
     base = config_from_dict(
         {
-            "engine": {"kv_cache_bytes": 16 * 2**20, "max_num_batched_tokens": 1024},  # 256 blocks
+            # the random built-in model, float32 (reference_greedy's): fast; not the cluster's default
+            "engine": {
+                "model": BUILTIN_MODEL_ID,
+                "dtype": "float32",
+                "kv_cache_bytes": 16 * 2**20,  # 256 blocks
+                "max_num_batched_tokens": 1024,
+            },
             "lease_s": 20.0,
             "prefill": {"num_replicas": num_prefill, **pool},
             "decode": {"num_replicas": num_decode, **pool},

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.builtin import BUILTIN_MODEL_ID
 from engine.tokenizer import ByteTokenizer
 from tests.conftest import free_port
 from tests.integration.int_helpers import reference_greedy, wait_serving
@@ -27,7 +28,8 @@ def test_pdserve_serve_and_generate_json(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [PDSERVE, "serve", "--port", str(port)],
+        # the random built-in model, named (the default is SmolLM2: tests/integration/test_int_smollm2.py)
+        [PDSERVE, "serve", "--port", str(port), "--model", BUILTIN_MODEL_ID, "--dtype", "float32"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

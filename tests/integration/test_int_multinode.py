@@ -35,7 +35,9 @@ PDSERVE = str(Path(sys.executable).parent / "pdserve")
 APP_NAME = "pdserve-multinode"
 CONFIG = """\
 app_name: {app_name}
-engine: {{kv_cache_bytes: 16777216, max_num_batched_tokens: 1024}}   # 256 blocks of the built-in model
+# the random built-in model (fast), named: the cluster's default is SmolLM2
+engine: {{model: pdserve-builtin-tiny, dtype: float32, kv_cache_bytes: 16777216,
+         max_num_batched_tokens: 1024}}
 lease_s: 20
 kv_transfer: {{backend: nixl}}
 prefill: {{num_replicas: 1, num_cpus: 0.25, torch_threads: 1, resources: {{prefill_node: 0.5}}}}
