@@ -153,7 +153,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else _seed_from_request_id(request_id)
         checker = None
         if params.stop or params.detokenize:
-            checker = StopStringChecker(self.tokenizer, params.stop)
+            checker = StopStringChecker(self.tokenizer, params.stop, params.num_chars_sent)
         return Sequence(request_id, prompt, len(prompt), params, seed, tenant, stop_checker=checker)
 
     def abort_request(self, request_id: str) -> None:
@@ -294,8 +294,8 @@ class LLMEngine:
         if seq.params.return_logits:
             logits, seq.pending_logits = seq.pending_logits, []
         new_text = None
-        if seq.stop_checker is not None:
-            new_text = seq.stop_checker.take_new_text(seq.is_finished)
+        if seq.stop_checker is not None:  # a prefilled request goes on elsewhere: keep holding back
+            new_text = seq.stop_checker.take_new_text(seq.is_finished and seq.finish_reason != PREFILLED)
         return RequestOutput(
             seq.request_id,
             new_tokens,
