@@ -4,6 +4,8 @@ disaggregated: choose a prefill replica -> ``prefill`` (first token + KV handle)
 token to the client at once (TTFT) -> choose a decode replica -> stream ``generate`` from it; its first
 message reports the pull, and the ingress then tells the prefill replica that pinned the blocks to
 release them. colocated: one decode replica does everything (``DecodeRequest`` without a handle).
+The text comes from the engines (``PrefillResult.first_text``, ``DecodeChunk.text``): the ingress never
+detokenizes.
 
 A client cancel or disconnect arrives as ``asyncio.CancelledError`` wherever the path is waiting: the
 decode stream is cancelled (the decode replica aborts and frees its blocks), and a prefill that is still
@@ -25,7 +27,6 @@ from cluster.model_info import ModelInfo
 from cluster.replica_directory import REPLICA_DIRECTORY, ReplicaView
 from cluster.route_policy import RoutePolicy
 from cluster.validation import ValidRequest
-from engine.detokenizer import StopStringChecker
 from protos import pdserve_pb2 as pb
 from worker_common.messages import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
 
@@ -40,6 +41,8 @@ FINISH_REASONS = {
 
 PREFILL_DEPLOYMENT = "PrefillDeployment"
 DECODE_DEPLOYMENT = "DecodeDeployment"
+
+_Piece = tuple[list[int], str, str | None]  # new token ids, their text, finish reason or None
 
 
 @dataclass
@@ -76,50 +79,41 @@ class RequestPath:
         work = WorkerRequest(
             internal_id, request.prompt_token_ids, request.sampling, request.tenant, time.time()
         )
-        text = StopStringChecker(self.model.tokenizer, request.sampling.stop)
         source: Any
         if self.config.is_colocated:
             source = self._colocated(work, trace)
         else:
             source = self._disaggregated(work, trace)
         try:
-            async for response in self._responses(source, request, trace, text):
+            async for response in self._responses(source, request, trace):
                 yield response
         finally:
             await source.aclose()  # runs the path's cleanup now, even when we were cancelled at a yield
 
     async def _responses(
         self,
-        source: AsyncIterator[tuple[list[int], str | None]],
+        source: AsyncIterator[_Piece],
         request: ValidRequest,
         trace: _Trace,
-        text: StopStringChecker,
     ) -> AsyncIterator[pb.GenerateResponse]:
-        output_ids: list[int] = []
-        async for token_ids, finish_reason in source:
-            output_ids.extend(token_ids)
-            text.update(output_ids)
-            response = pb.GenerateResponse(
-                request_id=request.request_id,
-                token_ids=token_ids,
-                text=text.take_new_text(finish_reason is not None),
-            )
+        num_output_tokens = 0
+        async for token_ids, text, finish_reason in source:
+            num_output_tokens += len(token_ids)
+            response = pb.GenerateResponse(request_id=request.request_id, token_ids=token_ids, text=text)
             now = time.perf_counter()
             if trace.first_sent is None:
                 trace.first_sent = now
             trace.last_sent = now
-            trace.num_output_tokens = len(output_ids)
+            trace.num_output_tokens = num_output_tokens
             if finish_reason is not None:
                 self._finish(response, request, trace, finish_reason)
             yield response
             if finish_reason is not None:
                 return
 
-    # ---- the two paths: each yields (new token ids, finish reason or None) ------------------------
+    # ---- the two paths: each yields (new token ids, their text, finish reason or None) -------------
 
-    async def _disaggregated(
-        self, work: WorkerRequest, trace: _Trace
-    ) -> AsyncIterator[tuple[list[int], str | None]]:
+    async def _disaggregated(self, work: WorkerRequest, trace: _Trace) -> AsyncIterator[_Piece]:
         prefill_views = await self._replicas(PREFILL_DEPLOYMENT, self.prefill)
         decode_views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
         choice = self.policy.choose_prefill(work.prompt_token_ids, work.tenant, prefill_views, decode_views)
@@ -134,13 +128,13 @@ class RequestPath:
             trace.route.reason = f"prefill={choice.reason}"
             if not result.is_prefilled:
                 is_released = True  # the first token ended it; the prefill replica unpinned at once
-                yield [result.first_token_id], result.finish_reason
+                yield [result.first_token_id], result.first_text, result.finish_reason
                 return
             assert result.handle is not None
-            yield [result.first_token_id], None
+            yield [result.first_token_id], result.first_text, None
             decode_choice = self.policy.choose_decode(len(result.handle.block_ids), decode_views)
             trace.route.reason += f" decode={decode_choice.reason}"
-            work_item = DecodeRequest(work, result.first_token_id, result.handle)
+            work_item = DecodeRequest(work, result.first_token_id, result.handle, len(result.first_text))
             stream = self.decode_stream.generate.remote(work_item, target_replica_id=decode_choice.replica_id)
             try:
                 async for chunk in stream:
@@ -149,7 +143,7 @@ class RequestPath:
                         self._notify_prefill("release", result)
                         is_released = True
                         continue
-                    yield chunk.token_ids, (chunk.finish_reason or "length") if chunk.finished else None
+                    yield _piece_of(chunk)
                     if chunk.finished:
                         return
             finally:
@@ -159,9 +153,7 @@ class RequestPath:
                 # Cancelled or failed before the decode side pulled: nothing may stay pinned or queued.
                 self._notify_prefill("abort", result, work.request_id, choice.replica_id)
 
-    async def _colocated(
-        self, work: WorkerRequest, trace: _Trace
-    ) -> AsyncIterator[tuple[list[int], str | None]]:
+    async def _colocated(self, work: WorkerRequest, trace: _Trace) -> AsyncIterator[_Piece]:
         decode_views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
         expected_blocks = -(-len(work.prompt_token_ids) // self.config.engine.block_size)
         choice = self.policy.choose_decode(expected_blocks, decode_views)
@@ -177,7 +169,7 @@ class RequestPath:
                     trace.queue_ms = (time.perf_counter() - trace.arrival) * 1e3
                     continue
                 trace.num_cached_tokens = max(trace.num_cached_tokens, chunk.num_cached_tokens)
-                yield chunk.token_ids, (chunk.finish_reason or "length") if chunk.finished else None
+                yield _piece_of(chunk)
                 if chunk.finished:
                     return
         finally:
@@ -248,3 +240,7 @@ class RequestPath:
         )
         timings.e2e_ms = (last - trace.arrival) * 1e3
         response.route.CopyFrom(trace.route)
+
+
+def _piece_of(chunk: DecodeChunk) -> _Piece:
+    return chunk.token_ids, chunk.text, (chunk.finish_reason or "length") if chunk.finished else None

@@ -8,6 +8,8 @@ Queues a request passes through, in order:
    FAILED (peer gone, timeout, layout mismatch) -> ``free_allocated`` and ``add_request``: the prompt
    is recomputed here and the first token, which the client already has, is skipped (sampling is
    position-seeded, so the recomputed tokens are the ones the prefill side would have produced).
+   Either way the engine detokenizes the first token again (a stop string may span it) and drops the
+   ``DecodeRequest.num_chars_sent`` characters of text the prefill side already sent.
    The first message ``generate`` yields is the transfer report: the caller then releases the prefill
    side's pinned blocks.
 4. Every engine step's outputs cross to the event loop in one ``call_soon_threadsafe`` and land in the
@@ -95,7 +97,7 @@ class DecodeWorker:
             while not is_finished:
                 chunk = self._coalesce(await self._next_items(stream), stream)
                 is_finished = chunk.finished
-                if chunk.token_ids or is_finished:
+                if chunk.token_ids or chunk.text or is_finished:
                     yield chunk
         finally:
             self._streams.pop(request_id, None)
@@ -115,7 +117,7 @@ class DecodeWorker:
 
     async def _admit(self, work: DecodeRequest, stream: _Stream) -> DecodeChunk:
         request = work.request
-        params = request.sampling.to_engine()
+        params = request.sampling.to_engine(work.num_chars_sent)
         prompt = list(request.prompt_token_ids)
         started = time.perf_counter()
         if work.handle is None or work.first_token_id is None:
@@ -227,6 +229,7 @@ class DecodeWorker:
                 token_ids = token_ids[1:]
                 stream.skip_first_token = False
             chunk.token_ids.extend(token_ids)
+            chunk.text += item.new_text or ""  # the engine already dropped the text prefill sent
             chunk.num_cached_tokens = max(chunk.num_cached_tokens, int(item.num_cached_tokens or 0))
             if item.finished:
                 chunk.finished = True

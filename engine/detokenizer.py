@@ -12,6 +12,11 @@ character split over byte tokens). Tokens settle once that text is non-empty and
 (the tail of an incomplete UTF-8 character); their text then never changes. A run of tokens that keeps
 ending in U+FFFD (invalid bytes) settles anyway after ``_MAX_UNSETTLED_TOKENS``, all but the last four
 (a UTF-8 character spans at most four tokens).
+
+A request split over two engines detokenizes on both, each its own tokens once: the prefill engine the
+first token, the decode engine the same first token (so a stop string that spans it and later tokens is
+found) and the rest. The text an engine emits is a function of the tokens alone, so the decode side's
+checker drops the ``num_chars_sent`` characters the prefill side already emitted.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class StopStringChecker:
     trailing incomplete UTF-8 character are held back until the next token decides them.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], num_chars_sent: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.hold_back = max((len(s) for s in stop), default=1) - 1
@@ -39,6 +44,7 @@ class StopStringChecker:
         self._read_offset = 0  # tokens before it are settled: their text is final
         self._unsent = ""  # settled text not taken yet (cut before the stop string once found)
         self._unsettled = ""  # text of the tokens from read_offset on; may end in U+FFFD
+        self._num_chars_to_skip = num_chars_sent  # the first chars of the text, emitted elsewhere
 
     def update(self, output_token_ids: list[int]) -> bool:
         """Decode the tokens added since the last call; True when a stop string appeared (the text is cut
@@ -64,6 +70,10 @@ class StopStringChecker:
         else:
             end = max(0, len(self._unsent) - self.hold_back)
         new_text, self._unsent = self._unsent[:end], self._unsent[end:]
+        if self._num_chars_to_skip:
+            num_skipped = min(len(new_text), self._num_chars_to_skip)
+            self._num_chars_to_skip -= num_skipped
+            new_text = new_text[num_skipped:]
         return new_text
 
     def _decode_new_tokens(self) -> None:

@@ -25,6 +25,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on detokenized text and cut from the text
     ignore_eos: bool = False
     detokenize: bool = False  # fill RequestOutput.new_text (always done when stop strings are set)
+    # Characters of the text another engine already emitted (the prefill side's first token): new_text
+    # starts after them; the stop strings are still searched from the first character.
+    num_chars_sent: int = 0
     return_logits: bool = False  # attach each step's float32 logits [vocab] to the outputs (tests, debugging)
 
     def __post_init__(self) -> None:
@@ -38,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.num_chars_sent < 0:
+            raise ValueError(f"num_chars_sent must be >= 0, got {self.num_chars_sent}")
         if any(not s for s in self.stop):
             raise ValueError("stop must not contain empty strings")
         # Lists are accepted for convenience and frozen into tuples.

@@ -158,6 +158,7 @@ class PrefillWorker:
             num_cached_tokens=int(output.num_cached_tokens),
             queue_ms=(pending.added - pending.arrival) * 1e3,
             prefill_ms=(now - pending.added) * 1e3,
+            first_text=output.new_text or "",
         )
 
     def _unpin(self, engine: WorkerEngine, request_id: str) -> bool:

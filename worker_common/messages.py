@@ -31,8 +31,9 @@ class SamplingSpec:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
-    def to_engine(self) -> SamplingParams:
-        """The engine's ``SamplingParams`` for these values."""
+    def to_engine(self, num_chars_sent: int = 0) -> SamplingParams:
+        """The engine's ``SamplingParams`` for these values. The engines detokenize (the ingress forwards
+        their text); ``num_chars_sent``: chars of the text the prefill side already emitted."""
         from engine.sampling import SamplingParams
 
         return SamplingParams(
@@ -44,6 +45,8 @@ class SamplingSpec:
             stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
+            detokenize=True,
+            num_chars_sent=num_chars_sent,
         )
 
 
@@ -73,6 +76,9 @@ class PrefillResult:
     num_cached_tokens: int
     queue_ms: float  # arrival at the replica -> first prefill step
     prefill_ms: float  # first prefill step -> first token
+    # The first token's text, held back as the engine holds it (a possible stop-string start, an
+    # incomplete UTF-8 character) unless the request ended; the decode side emits the rest.
+    first_text: str = ""
 
     @property
     def is_prefilled(self) -> bool:
@@ -87,6 +93,7 @@ class DecodeRequest:
     request: WorkerRequest
     first_token_id: int | None  # None in colocated mode: the decode replica prefills itself
     handle: KVHandle | None
+    num_chars_sent: int = 0  # len(PrefillResult.first_text): the decode engine does not emit them again
 
 
 @dataclass
@@ -94,6 +101,7 @@ class DecodeChunk:
     """One streamed message from a decode replica: every token produced since the previous one."""
 
     token_ids: list[int]
+    text: str = ""  # the engine's text of these tokens (coalesced chunks: concatenated)
     finished: bool = False
     finish_reason: str | None = None
     replica_id: str = ""
