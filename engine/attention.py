@@ -43,6 +43,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64 padded with block 0 (gather path)
     decode_mirror: torch.Tensor | None = None  # [layers, 2, rows, kv_heads, capacity, head_dim] (mirror path)
     decode_positions: torch.Tensor | None = None  # [B] int64: position of each decode token (mirror path)
+    decode_context_lens: torch.Tensor | None = None  # [B] int32: context incl. the new token (gather path)
+    # [T] bool, CUDA graphs only: True for a padding row, whose slot write must leave the cache as it was
+    slot_is_padding: torch.Tensor | None = None
 
 
 def build_prefill_mask(context_start: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
@@ -58,6 +61,44 @@ def build_decode_mask(context_lens: torch.Tensor, num_key_slots: int) -> torch.T
     """``[B, 1, 1, num_key_slots]`` bool from context_lens ``[B]``: key slot ``j`` is used iff ``j < len``."""
     key_positions = torch.arange(num_key_slots, device=context_lens.device)
     return (key_positions[None, :] < context_lens[:, None])[:, None, None, :]
+
+
+BACKEND_NAMES = ("auto", "torch", "flash_attn", "triton")
+
+
+def make_attention_backend(
+    choice: str,
+    device: torch.device,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+) -> TorchAttention:
+    """The attention backend for ``EngineConfig.attention_backend`` (``choice``) on ``device``.
+
+    ``auto``: on CUDA flash-attn when it imports, else the Triton paged kernel when Triton imports and
+    the shapes suit it (power-of-two head_dim and block_size), else torch SDPA; off CUDA always torch.
+    Naming ``flash_attn`` or ``triton`` where it cannot run raises ``ValueError``.
+    """
+    from engine.flash_attention import flash_attn_available, make_flash_attention
+    from engine.triton_attention import TritonAttention, triton_supported
+
+    if choice not in BACKEND_NAMES:
+        raise ValueError(f"attention_backend {choice!r}: expected one of {BACKEND_NAMES}")
+    scale = head_dim**-0.5
+    is_cuda = device.type == "cuda"
+    if choice == "flash_attn" or (choice == "auto" and is_cuda and flash_attn_available(device)):
+        if not flash_attn_available(device):
+            raise ValueError("attention_backend='flash_attn' needs flash-attn importable on CUDA")
+        return make_flash_attention(num_heads, num_kv_heads, head_dim, scale, block_size)
+    has_triton = triton_supported(device, head_dim, block_size)
+    if choice == "triton" or (choice == "auto" and is_cuda and has_triton):
+        if not has_triton:
+            raise ValueError(
+                "attention_backend='triton' needs Triton on CUDA and power-of-two head_dim and block_size"
+            )
+        return TritonAttention(num_heads, num_kv_heads, head_dim, scale)
+    return TorchAttention(num_heads, num_kv_heads, head_dim, scale)
 
 
 class TorchAttention:
@@ -79,7 +120,12 @@ class TorchAttention:
     ) -> None:
         """Store new K/V; ``layer_cache`` is the ``[num_blocks, 2, block_size, kv_heads, head_dim]`` view."""
         # Advanced indices on dims 0 and 2 (split by a slice) select [T, 2, kv_heads, head_dim].
-        layer_cache[meta.slot_block_ids, :, meta.slot_offsets] = torch.stack((key, value), dim=1)
+        new = torch.stack((key, value), dim=1)
+        if meta.slot_is_padding is not None:
+            # A padded (CUDA-graph) row points at a slot no real row writes; it writes back what is there.
+            old = layer_cache[meta.slot_block_ids, :, meta.slot_offsets]
+            new = torch.where(meta.slot_is_padding[:, None, None, None], old, new)
+        layer_cache[meta.slot_block_ids, :, meta.slot_offsets] = new
 
     def forward(
         self,

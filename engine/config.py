@@ -16,7 +16,7 @@ from engine.kv_memory import DTYPES, KVShape
 
 DType = Literal[DTYPES]  # type: ignore[valid-type]  # the names live in engine.kv_memory.DTYPES
 Device = Literal["cpu", "cuda"]
-AttentionBackend = Literal["auto", "torch", "flash_attn"]  # flash_attn: CUDA only
+AttentionBackend = Literal["auto", "torch", "flash_attn", "triton"]  # flash_attn, triton: CUDA only
 Positive = Annotated[int, Field(gt=0)]
 
 STRICT_FROZEN = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -55,6 +55,9 @@ class EngineConfig(BaseModel):
     num_threads: Positive | None = None  # torch intra-op threads; None leaves torch's default
     # contiguous decode KV copy (see decode_mirror.py); 0 = off
     decode_mirror_bytes: Annotated[int, Field(ge=0)] = 256 * 1024 * 1024
+    # CUDA only: decode steps of up to this many sequences replay CUDA graphs captured at start for
+    # padded batch sizes 1, 2, 4, 8, 16, 24, ... (engine/cuda_graphs.py); 0 = off. Ignored on CPU.
+    cuda_graph_max_batch_size: Annotated[int, Field(ge=0)] = 128
 
     def kv_shape(self, num_layers: int, num_kv_heads: int, head_dim: int) -> KVShape:
         """The per-token KV geometry of a model with these dimensions in this config's dtype."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.attention import TorchAttention
+from engine.attention import TorchAttention, make_attention_backend
 from engine.block_pool import BlockPool
 from engine.builtin import BUILTIN_MODEL_ID
 from engine.config import EngineConfig
@@ -79,7 +79,13 @@ class LLMEngine:
         self.pool = BlockPool(layout.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.pool, config.enable_prefix_caching)
         self.runner = ModelRunner(
-            self.model, self.kv_cache, config.block_size, self.device, config.decode_mirror_bytes
+            self.model,
+            self.kv_cache,
+            config.block_size,
+            self.device,
+            config.decode_mirror_bytes,
+            cuda_graph_max_batch_size=min(config.cuda_graph_max_batch_size, config.max_num_seqs),
+            max_model_len=self.scheduler_config.max_model_len,
         )
         self.sampler = Sampler()
         self._requests: dict[str, Sequence] = {}  # waiting or running
@@ -91,18 +97,14 @@ class LLMEngine:
     # -- construction helpers -----------------------------------------------------------------------
     def _make_backend(self) -> TorchAttention:
         mc = self.model_config
-        scale = mc.head_dim**-0.5
-        wants_flash = self.config.attention_backend == "flash_attn" or (
-            self.config.attention_backend == "auto" and self.device.type == "cuda"
+        return make_attention_backend(
+            self.config.attention_backend,
+            self.device,
+            mc.num_heads,
+            mc.num_kv_heads,
+            mc.head_dim,
+            self.config.block_size,
         )
-        if wants_flash:
-            from engine.flash_attention import flash_attn_available, make_flash_attention
-
-            if flash_attn_available(self.device):
-                return make_flash_attention(mc.num_heads, mc.num_kv_heads, mc.head_dim, scale)
-            if self.config.attention_backend == "flash_attn":
-                raise ValueError("attention_backend='flash_attn' needs flash-attn importable on CUDA")
-        return TorchAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim, scale)
 
     def _load_tokenizer(self, hf_model: Any | None) -> Tokenizer:
         if hf_model is None and self.config.model == BUILTIN_MODEL_ID:

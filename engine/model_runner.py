@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionMetadata, PrefillChunk, build_decode_mask, build_prefill_mask
+from engine.cuda_graphs import CUDAGraphDecoder, graph_batch_sizes
 from engine.decode_mirror import DecodeMirror
 from engine.model import CausalLM
 from engine.scheduler import ScheduledSequence
@@ -32,21 +33,35 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         decode_mirror_bytes: int = 0,
+        cuda_graph_max_batch_size: int = 0,
+        max_model_len: int = 0,
     ) -> None:
-        """``decode_mirror_bytes``: budget of the contiguous decode copy (0 turns it off)."""
+        """``decode_mirror_bytes``: budget of the contiguous decode copy (0 turns it off).
+        ``cuda_graph_max_batch_size`` > 0 on CUDA: capture decode graphs now for sequences of up to
+        ``max_model_len`` tokens (engine/cuda_graphs.py); ignored off CUDA."""
         self.model = model
         self.kv_cache = kv_cache  # [num_blocks, layers, 2, block_size, kv_heads, head_dim]
         self.block_size = block_size
         self.device = device
+        self.graphs: CUDAGraphDecoder | None = None
+        if device.type == "cuda" and cuda_graph_max_batch_size > 0 and max_model_len > 0:
+            max_blocks = -(-max_model_len // block_size)
+            sizes = graph_batch_sizes(cuda_graph_max_batch_size)
+            self.graphs = CUDAGraphDecoder(model, kv_cache, block_size, max_blocks, sizes)
+            self.graphs.capture()
         backend = model.model.layers[0].self_attn.backend
         use_mirror = decode_mirror_bytes > 0 and getattr(backend, "uses_decode_mirror", False)
+        use_mirror = use_mirror and self.graphs is None  # graphs replay the gather path (fixed shapes)
         self.mirror = DecodeMirror(kv_cache, decode_mirror_bytes) if use_mirror else None
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[Sequence]]:
         """Logits ``[S, vocab]`` float32 for the sequences that complete this step, and those sequences."""
         model_input = self.prepare(scheduled)
-        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_cache, model_input.meta)
+        if self.graphs is not None and self.graphs.can_replay(model_input.meta):
+            hidden = self.graphs.replay(model_input.input_ids, model_input.positions, model_input.meta)
+        else:
+            hidden = self.model(model_input.input_ids, model_input.positions, self.kv_cache, model_input.meta)
         logits = self.model.compute_logits(hidden[model_input.logits_indices])
         return logits, model_input.sampling_seqs
 
@@ -132,6 +147,7 @@ class ModelRunner:
                 tables, dtype=torch.long, device=device
             )  # [B, max_blocks]
             meta.decode_mask = build_decode_mask(position_tensor + 1, max_blocks * size)  # padding is masked
+            meta.decode_context_lens = (position_tensor + 1).to(torch.int32)
         return decodes
 
     def _prepare_chunk(
