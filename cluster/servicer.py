@@ -111,7 +111,7 @@ class PDServeServicer:
             await stream.aclose()
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        status = pb.HealthResponse.SERVING if await self._pools_ready() else pb.HealthResponse.NOT_SERVING
+        status = pb.HealthResponse.SERVING if await self.pools_ready() else pb.HealthResponse.NOT_SERVING
         return pb.HealthResponse(status=status, model=self.path.model.name)
 
     async def ClusterInfo(
@@ -130,30 +130,48 @@ class PDServeServicer:
                 pool.replicas.add(**{key: getattr(load, key) for key in _REPLICA_FIELDS})
         return response
 
+    async def pools_ready(self) -> bool:
+        """True when every pool (prefill and decode; decode only when colocated) has at least one replica
+        answering a stats call within ``REPLICA_TIMEOUT_S``; a dead or slow replica alone does not count.
+        The gRPC ``Health`` and HTTP ``/health`` both answer from this."""
+        return all(loads for _, loads in await self.pool_stats())
+
     async def pool_stats(self) -> list[tuple[str, list[ReplicaLoad]]]:
-        """Fresh stats from every replica of every pool (asked directly, not the routing copies)."""
+        """Fresh stats from the replicas of every pool that answer within ``REPLICA_TIMEOUT_S`` (asked
+        directly and all at once, not the routing copies); a replica that fails or is slow is left out."""
         pools: list[tuple[str, Any, str]] = [("decode", self.path.decode, DECODE_DEPLOYMENT)]
         if self.path.prefill is not None:
             pools.insert(0, ("prefill", self.path.prefill, PREFILL_DEPLOYMENT))
-        result = []
-        for name, handle, deployment in pools:
-            views = REPLICA_DIRECTORY.replicas(deployment)
-            if not views:
-                stats = [await handle.replica_stats.remote()]  # first call: creates the handle's router
-            else:
-                calls = [handle.replica_stats.remote(target_replica_id=view.replica_id) for view in views]
-                stats = list(await asyncio.gather(*calls))
-            result.append((name, sorted(stats, key=lambda load: load.replica_id)))
-        return result
+        asked = [_ask_replicas(handle, deployment) for _, handle, deployment in pools]
+        answers = await asyncio.gather(*asked)
+        return [(name, loads) for (name, _, _), loads in zip(pools, answers, strict=True)]
 
-    async def _pools_ready(self) -> bool:
-        try:
-            async with asyncio.timeout(5.0):
-                stats = await self.pool_stats()
-        except Exception as error:
-            logger.warning("health check failed: %s", error)
-            return False
-        return all(replicas for _, replicas in stats)
+
+REPLICA_TIMEOUT_S = 2.0  # a replica's stats call is a snapshot read: a healthy one answers in milliseconds
+
+
+async def _ask_replicas(handle: Any, deployment: str) -> list[ReplicaLoad]:
+    """``replica_stats`` of each replica of ``deployment`` that answers in time, sorted by replica id."""
+    views = REPLICA_DIRECTORY.replicas(deployment)
+    if not views:  # the handle's first call creates its router, which then lists the replicas
+        calls = [handle.replica_stats.remote()]
+    else:
+        calls = [handle.replica_stats.remote(target_replica_id=view.replica_id) for view in views]
+    answers = await asyncio.gather(*(_answer(call, deployment) for call in calls))
+    return sorted((load for load in answers if load is not None), key=lambda load: load.replica_id)
+
+
+async def _answer(call: Any, deployment: str) -> ReplicaLoad | None:
+    try:
+        async with asyncio.timeout(REPLICA_TIMEOUT_S):
+            return await call
+    except Exception as error:  # dead, restarting or stuck: the pool's other replicas still count
+        logger.warning(
+            "a %s replica did not answer its stats call: %s",
+            deployment,
+            _first_line(f"{type(error).__name__}: {error}"),
+        )
+        return None
 
 
 _REPLICA_FIELDS = (

@@ -126,7 +126,7 @@ def _decode_blocks_held(app_name: str) -> int:
 
 
 def _prefill_replicas_when_up(address: str, old_replica: str, within_s: float) -> list[str]:
-    """Poll ClusterInfo (it fails while the dead replica is still listed) until the prefill pool is
+    """Poll ClusterInfo (it leaves out a replica that does not answer) until the prefill pool is
     back, served by a replica other than ``old_replica``."""
     deadline = time.monotonic() + within_s
     while True:
@@ -182,7 +182,7 @@ def test_prefill_replica_dies_mid_transfer(pd_cluster, backend: str) -> None:
         # for recomputing 8 tokens of a short prompt on a shared 2-core machine.
         assert seconds < PULL_DELAY_S + TRANSFER_TIMEOUT_S + 2.0, (seconds, result.last.timings)
         assert result.last.timings.kv_transfer_ms < (PULL_DELAY_S + TRANSFER_TIMEOUT_S) * 1e3 + 500
-    # The decode replica is asked directly: ClusterInfo fails while the dead replica is still listed.
+    # The decode replica is asked directly (ClusterInfo would wait out the dead prefill replica's 2 s).
     start = time.perf_counter()
     while (held := _decode_blocks_held(config.app_name)) and time.perf_counter() - start < 1.0:
         time.sleep(0.05)
