@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.openai_api.errors import ApiError, bad_request
-from cluster.validation import ModelLimits, RequestError, ValidRequest, validate
+from cluster.validation import MAX_ID_LENGTH, ModelLimits, RequestError, ValidRequest, validate
 from protos import pdserve_wire_pb2 as wire_pb
 
 TokenId = Annotated[int, Field(ge=0, lt=2**63)]
@@ -62,7 +62,7 @@ class _SamplingBody(_Body):
 class CompletionRequest(_SamplingBody):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: Any  # text, [text], token ids or [token ids]: checked by completion_wire (clearer messages)
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -169,6 +169,9 @@ def _fill_common(wire: wire_pb.GenerateRequestWire, body: _SamplingBody, max_tok
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
     wire.stop.extend(_encode(f"stop[{index}]", text) for index, text in enumerate(stops))
     wire.stop_token_ids.extend(body.stop_token_ids or ())
+    if body.user is not None and len(body.user) > MAX_ID_LENGTH:
+        message = f"user: at most {MAX_ID_LENGTH} characters (the tenant id), got {len(body.user)}"
+        raise bad_request("user", message)
     wire.tenant_id = _encode("user", body.user or "")
     wire.ignore_eos = body.ignore_eos
 
@@ -176,20 +179,41 @@ def _fill_common(wire: wire_pb.GenerateRequestWire, body: _SamplingBody, max_tok
 def completion_wire(body: CompletionRequest) -> wire_pb.GenerateRequestWire:
     """The gRPC request of a completions body (one prompt: text, ``[text]``, ids or ``[ids]``)."""
     _refuse_unsupported(body)
-    prompt: Any = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise bad_request("prompt", f"prompt: one prompt per request, got {len(prompt)}")
-        prompt = prompt[0]
+    prompt = _one_prompt(body.prompt)
     wire = wire_pb.GenerateRequestWire()
     if isinstance(prompt, str):
         wire.text = _encode("prompt", prompt)
     else:
+        wire.token_ids.SetInParent()  # an empty id list is still "token ids" (refused as empty)
         wire.token_ids.ids.extend(prompt)
-        if not prompt:
-            wire.token_ids.SetInParent()  # an empty id list is still "token ids" (refused as empty)
     _fill_common(wire, body, body.max_tokens)
     return wire
+
+
+_PROMPT_SHAPES = "a string, token ids, or a list holding one of them"
+
+
+def _one_prompt(prompt: Any) -> str | list[int]:
+    """The one prompt of a completions body; a batch (several prompts) is refused."""
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list):
+        raise bad_request("prompt", f"prompt: must be {_PROMPT_SHAPES}, got {type(prompt).__name__}")
+    if prompt and all(isinstance(item, (str, list)) for item in prompt):
+        if len(prompt) != 1:
+            raise bad_request("prompt", f"prompt: one prompt per request, got {len(prompt)}")
+        inner = prompt[0]
+        return inner if isinstance(inner, str) else _token_ids("prompt[0]", inner)
+    return _token_ids("prompt", prompt)
+
+
+def _token_ids(field: str, items: list[Any]) -> list[int]:
+    for index, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise bad_request("prompt", f"{field}[{index}]: must be a token id (an integer), got {item!r}")
+        if not 0 <= item < 2**63:
+            raise bad_request("prompt", f"{field}[{index}]: must be a token id >= 0, got {item}")
+    return items
 
 
 def chat_wire(body: ChatCompletionRequest) -> wire_pb.GenerateRequestWire:
