@@ -6,7 +6,7 @@ KV bytes never travel here. Both workers and the ingress import these; the modul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -20,7 +20,8 @@ class NoKVSpaceError(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """Sampling parameters as the API states them (``max_tokens`` counts the first token too)."""
+    """Sampling parameters as the API states them (``max_tokens`` counts the first token too): a subset
+    of ``SamplingParams``'s fields, by the same names."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -36,18 +37,8 @@ class SamplingSpec:
         their text); ``num_chars_sent``: chars of the text the prefill side already emitted."""
         from engine.sampling import SamplingParams
 
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=list(self.stop),
-            stop_token_ids=list(self.stop_token_ids),
-            ignore_eos=self.ignore_eos,
-            detokenize=True,
-            num_chars_sent=num_chars_sent,
-        )
+        values = {field.name: getattr(self, field.name) for field in fields(self)}  # same names, no copy
+        return SamplingParams(**values, detokenize=True, num_chars_sent=num_chars_sent)
 
 
 @dataclass(frozen=True)
