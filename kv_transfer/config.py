@@ -66,6 +66,11 @@ class NixlConfig(TransportSettings):
     """NIXL backend plugin name (UCX picks shared memory / CMA / TCP / RDMA / CUDA IPC itself)."""
     num_threads: Annotated[int, Field(ge=0)] = 0
     """UCX worker threads (0 = NIXL's default)."""
+    net_devices: str | None = Field(None, min_length=1)
+    """The network devices UCX may use, as UCX_NET_DEVICES spells them (``"mlx5_0:1"``, ``"eth0"``,
+    ``"lo"``; a comma-separated list). None: UCX picks (or an exported UCX_NET_DEVICES applies). Written
+    to UCX_NET_DEVICES by the transport before it creates its agent. Shared memory and CMA between the
+    processes of one host are not network devices and stay available."""
     enable_progress_thread: bool = True
     """NIXL progress thread. Required on a worker that serves reads (prefill); it busy-polls (~1/3 core
     idle), so a read-only decode worker may turn it off (its own polling drives its reads)."""

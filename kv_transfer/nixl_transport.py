@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import mmap
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -112,6 +113,16 @@ class NixlTransfer(TransferState):
             self._transport._release_handle(handle)
 
 
+def apply_ucx_environment(config: NixlConfig) -> None:
+    """The one place the UCX environment is written, before an agent (and its UCX context) is created:
+    ``NixlConfig.net_devices`` -> ``UCX_NET_DEVICES``. UCX reads it when the context is created, so it
+    holds for this process's agents from now on (one transport per worker process). None leaves the
+    environment as it is (an exported UCX_NET_DEVICES still applies). NIXL's own ``ucx_devices`` backend
+    parameter does not restrict the TCP devices UCX 1.23 uses (checked with UCX_LOG_LEVEL=info)."""
+    if config.net_devices is not None:
+        os.environ["UCX_NET_DEVICES"] = config.net_devices
+
+
 class NixlTransport(KVTransport[_PeerMetadata]):
     """KV transport over NIXL with the UCX backend."""
 
@@ -122,6 +133,7 @@ class NixlTransport(KVTransport[_PeerMetadata]):
         from nixl._api import nixl_agent, nixl_agent_config
 
         super().__init__(config, worker_id)
+        apply_ucx_environment(config)
         agent_config = nixl_agent_config(
             enable_prog_thread=config.enable_progress_thread,
             backends=[config.ucx_backend],

@@ -230,3 +230,14 @@ def test_autoscaling_section_feeds_the_serve_policy_kwargs() -> None:
     kwargs = _policy_kwargs(config, "DecodeDeployment")
     assert policy_config_from_kwargs(DecodePolicyConfig, kwargs) == config.autoscaling.decode
     assert kwargs == {"target_kv_blocks_used_fraction": 0.6}
+
+
+def test_nixl_net_devices_parse_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "nixl.yaml"
+    path.write_text("kv_transfer: {backend: nixl, net_devices: 'mlx5_0:1,eth0'}\n")
+    assert load_config(str(path)).kv_transfer.net_devices == "mlx5_0:1,eth0"
+    assert config_from_dict({"kv_transfer": {"backend": "nixl"}}).kv_transfer.net_devices is None  # UCX picks
+    with pytest.raises(ConfigError, match=r"^kv_transfer\.net_devices: must not be empty"):
+        config_from_dict({"kv_transfer": {"backend": "nixl", "net_devices": ""}})
+    with pytest.raises(ConfigError, match=r"^kv_transfer\.net_devices: unknown field"):
+        config_from_dict({"kv_transfer": {"net_devices": "eth0"}})  # shm has no network devices
