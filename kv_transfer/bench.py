@@ -26,7 +26,7 @@ import click
 import torch
 
 from kv_transfer.base import KVHandle, LayoutSignature, TransferEndpoint, TransferStatus
-from kv_transfer.blocks import block_digests, merge_block_runs, pool_shape
+from kv_transfer.blocks import block_digests, merge_block_runs, pool_shape, torch_dtype
 from kv_transfer.config import BACKENDS, TransportConfig, transport_config
 from kv_transfer.factory import make_transport
 
@@ -34,7 +34,6 @@ BUILTIN_LAYOUT = LayoutSignature(
     "builtin-tiny (assumed)", "float32", 16, num_layers=4, num_kv_heads=4, head_dim=32
 )
 LLAMA_8B_LAYOUT = LayoutSignature("8b-shaped", "bfloat16", 16, num_layers=32, num_kv_heads=8, head_dim=128)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def quiet_nixl_logs(config: TransportConfig) -> None:
 def _serve(conn: Connection, config: TransportConfig, layout: LayoutSignature, num_blocks: int) -> None:
     quiet_nixl_logs(config)
     transport = make_transport(config, f"bench-prefill-{config.backend}")
-    pool = transport.allocate_pool(pool_shape(layout, num_blocks), _DTYPES[layout.dtype])
+    pool = transport.allocate_pool(pool_shape(layout, num_blocks), torch_dtype(layout.dtype))
     flat = pool.view(-1).view(torch.uint8)
     flat.copy_(torch.arange(flat.numel(), dtype=torch.int64).remainder_(251).to(torch.uint8))
     conn.send(transport.register(pool, layout))
@@ -114,7 +113,7 @@ def measure(
     transport = make_transport(config, f"bench-decode-{backend}")
     rows = []
     try:
-        local_pool = transport.allocate_pool(pool_shape(layout, pool_blocks), _DTYPES[layout.dtype])
+        local_pool = transport.allocate_pool(pool_shape(layout, pool_blocks), torch_dtype(layout.dtype))
         transport.register(local_pool, layout)
         for case in group:
             rows.append(_measure_case(transport, local_pool, endpoint, parent, case, backend))

@@ -67,6 +67,15 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``: a ``LayoutSignature.dtype`` (one of engine.kv_memory.DTYPES)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unsupported KV dtype {name!r}; expected one of {DTYPES}")
+    return getattr(torch, name)
+
+
 def pool_shape(layout: LayoutSignature, num_blocks: int) -> tuple[int, ...]:
     """The block-major pool shape for ``num_blocks`` blocks of ``layout``."""
     return (num_blocks, layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)

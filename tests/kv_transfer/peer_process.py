@@ -22,8 +22,7 @@ from kv_transfer import (
     make_transport,
     pool_shape,
 )
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from kv_transfer.blocks import torch_dtype
 
 
 def fill_random(pool: torch.Tensor, seed: int) -> None:
@@ -42,7 +41,7 @@ def _serve(
     seed: int,
 ) -> None:
     transport = make_transport(config, worker_id)
-    pool = transport.allocate_pool(pool_shape(layout, num_blocks), _DTYPES[layout.dtype])
+    pool = transport.allocate_pool(pool_shape(layout, num_blocks), torch_dtype(layout.dtype))
     fill_random(pool, seed)
     endpoint = transport.register(pool, layout)
     conn.send(("ready", endpoint))

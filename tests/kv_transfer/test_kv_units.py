@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.kv_memory import DTYPES
 from kv_transfer import (
     BlockRun,
     LayoutMismatchError,
@@ -24,7 +25,7 @@ from kv_transfer import (
     pool_shape,
     transport_config,
 )
-from kv_transfer.blocks import check_pool_layout
+from kv_transfer.blocks import check_pool_layout, torch_dtype, torch_dtype_name
 from kv_transfer.transfer import TransferAborted, TransferState
 
 LAYOUT = LayoutSignature("m@1", "bfloat16", block_size=4, num_layers=2, num_kv_heads=2, head_dim=8)
@@ -141,3 +142,9 @@ def test_wait_timeout_fails_the_transfer() -> None:
     transfer = TransferState(timeout_s=5.0)
     assert transfer.wait(timeout=0.01) is TransferStatus.FAILED
     assert "wait() timed out" in (transfer.error or "")
+
+
+def test_torch_dtype_is_the_inverse_of_torch_dtype_name_over_the_engine_dtypes() -> None:
+    assert [torch_dtype_name(torch_dtype(name)) for name in DTYPES] == list(DTYPES)
+    with pytest.raises(ValueError, match="unsupported KV dtype 'int8'"):
+        torch_dtype("int8")
