@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kv_transfer import NixlConfig
@@ -23,9 +25,11 @@ def test_net_devices_restrict_ucx_and_lo_moves_bytes(monkeypatch) -> None:
     from tests.kv_transfer.peer_process import PeerProcess
     from tests.kv_transfer.transport_scenarios import LAYOUT, make_handle, new_decoder
 
-    monkeypatch.delenv("UCX_NET_DEVICES", raising=False)  # the transport writes it; restored after
+    monkeypatch.setenv("UCX_NET_DEVICES", "unset-by-the-transport")  # it writes the variable; undone after
     monkeypatch.setenv("UCX_TLS", "tcp")  # no shared memory / CMA in this process: the device matters
     config = NixlConfig(timeout_s=TIMEOUT_S, net_devices="lo")
+    new_decoder(config, "decode-env").transport.close()
+    assert os.environ["UCX_NET_DEVICES"] == "lo"
     peer = PeerProcess.start(config, "prefill-lo", LAYOUT, 16, seed=5)
     try:
         decoder = new_decoder(config, "decode-lo")
