@@ -1,4 +1,5 @@
-"""`pdserve bench`: replay a trace (or a Poisson / closed-loop workload) against the gRPC API.
+"""`pdserve bench`: replay a trace (or a Poisson / closed-loop workload) against the gRPC API, or
+the OpenAI HTTP API with `--api openai` (same workloads, same records and reports).
 
 Registered on the `pdserve` click group by cluster/cli.py; also runnable as
 `python -m cluster.bench`. See docs/bench.md for options, metric definitions and outputs.
@@ -34,6 +35,11 @@ def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> 
 @click.option("--server", default=DEFAULT_SERVER, show_default=True, metavar="HOST:PORT",
               help="gRPC address of a running cluster (ignored with --embedded / --compare).")
 @renamed_option("--address", "--server")
+@click.option("--api", type=click.Choice(["grpc", "openai"]), default="grpc", show_default=True,
+              help="Send the requests through the gRPC API or the OpenAI HTTP API (/v1/completions, SSE); "
+                   "ClusterInfo samples come over gRPC either way.")
+@click.option("--http-server", default="127.0.0.1:8000", show_default=True, metavar="HOST:PORT",
+              help="OpenAI HTTP API of a running cluster, for --api openai (ignored with --embedded).")
 @click.option("--embedded", is_flag=True, help="Start an embedded local cluster for the run.")
 @click.option("--mode", type=click.Choice(MODES), default="disaggregated", show_default=True,
               help="Embedded cluster mode.")
@@ -75,8 +81,8 @@ def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> 
               help="Results folder [default: bench-out/<UTC time>].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.argument("more_slo", nargs=-1, metavar="[ttft:MS|tpot:MS|e2e:MS]...")
-def bench(server: str, embedded: bool, mode: str, compare: bool, colocated_replicas: int | None,
-          cluster_config: str | None,
+def bench(server: str, api: str, http_server: str, embedded: bool, mode: str, compare: bool,
+          colocated_replicas: int | None, cluster_config: str | None,
           trace: str | None, rate: float | None, concurrency: int | None, time_scale: float,
           length_scale: float, lengths: str, duration: float | None, num_requests: int | None,
           trace_start: float, goodput: tuple[str, ...], max_context: int, vocab_size: int,
@@ -100,17 +106,18 @@ def bench(server: str, embedded: bool, mode: str, compare: bool, colocated_repli
     if math.isinf(config.rate) and config.arrival == "poisson" and config.num_requests is None:
         raise click.BadParameter("--rate inf needs --num-requests")
     out_dir = Path(output_dir or f"bench-out/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    targets = _targets(server, embedded, mode, compare, cluster_config, colocated_replicas)
+    targets = _targets(server, http_server, embedded, mode, compare, cluster_config, colocated_replicas)
     try:
-        run_suite(config, Workload(config), targets, out_dir, show_progress=not no_progress, echo=click.echo)
+        run_suite(config, Workload(config), targets, out_dir, show_progress=not no_progress, echo=click.echo,
+                  api=api)
     except (RuntimeError, TimeoutError) as error:   # unreachable server, failed warm-up
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
 
 
-def _targets(server: str, embedded: bool, mode: str, compare: bool, cluster_config: str | None,
-             colocated_replicas: int | None) -> list[Target]:
+def _targets(server: str, http_server: str, embedded: bool, mode: str, compare: bool,
+             cluster_config: str | None, colocated_replicas: int | None) -> list[Target]:
     if not (embedded or compare):
-        return [external_target(server)]
+        return [external_target(server, http_address=http_server)]
     base = None
     if cluster_config is not None:
         from cluster.config import load_config

@@ -1,5 +1,8 @@
 """Drive one benchmark run against a gRPC address: dispatch, ClusterInfo polling, progress.
 
+With ``http_address`` the requests go through the OpenAI HTTP API instead (``--api openai``:
+``cluster.bench.openai_client``, the same workload and records); ClusterInfo still comes over gRPC.
+
     open-loop (trace / poisson): sleep until each request's arrival time, start its stream as a task
     closed-loop: `concurrency` workers, each sends its next request when the previous one ends
     meanwhile: a poller samples ClusterInfo every `poll_interval_s` for per-pool utilization
@@ -44,10 +47,12 @@ class BenchRunner:
     """Runs a `Workload` against one gRPC address (a plain class; the CLI is a thin wrapper)."""
 
     def __init__(self, config: BenchConfig, workload: Workload, address: str, *,
-                 show_progress: bool = True, label: str = "") -> None:
+                 show_progress: bool = True, label: str = "", http_address: str | None = None) -> None:
         self.config = config
         self.workload = workload
         self.address = address
+        self.http_address = http_address  # set: requests over the OpenAI HTTP API (host:port)
+        self._http: Any = None  # the aiohttp session of an HTTP run
         self.show_progress = show_progress
         self.label = label
         self.run_id = uuid.uuid4().hex[:8]
@@ -58,6 +63,31 @@ class BenchRunner:
 
     async def run_async(self) -> RunResult:
         """Run to completion inside the caller's event loop."""
+        if self.http_address is None:
+            return await self._run_grpc()
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=0)  # no pool cap: one connection per stream in flight
+        async with aiohttp.ClientSession(connector=connector) as session:
+            self._http = session
+            try:
+                return await self._run_grpc()
+            finally:
+                self._http = None
+
+    async def _request(self, stub: pdserve_pb2_grpc.PDServeStub, request: BenchRequest, request_id: str,
+                       origin: float, tenant_id: str = "") -> RequestRecord:
+        """One request over the run's API."""
+        seed, timeout_s = self.config.seed, self.config.request_timeout_s
+        if self._http is not None:
+            from cluster.bench.openai_client import send_openai_request
+
+            return await send_openai_request(self._http, f"http://{self.http_address}", request, request_id,
+                                             origin, seed=seed, tenant_id=tenant_id, timeout_s=timeout_s)
+        return await send_request(stub, request, request_id, origin, seed=seed, tenant_id=tenant_id,
+                                  timeout_s=timeout_s)
+
+    async def _run_grpc(self) -> RunResult:
         async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
             stub = pdserve_pb2_grpc.PDServeStub(channel)
             try:
@@ -92,9 +122,8 @@ class BenchRunner:
 
     async def _send(self, stub: pdserve_pb2_grpc.PDServeStub, request: BenchRequest, origin: float,
                     progress: tqdm) -> RequestRecord:
-        record = await send_request(stub, request, f"bench-{self.run_id}-{request.index}", origin,
-                                    seed=self.config.seed, tenant_id=self.config.tenant_id,
-                                    timeout_s=self.config.request_timeout_s)
+        record = await self._request(stub, request, f"bench-{self.run_id}-{request.index}", origin,
+                                     self.config.tenant_id)
         progress.update(1)
         if not record.is_ok:
             progress.set_postfix_str(f"last error: {record.status}", refresh=False)
@@ -135,8 +164,8 @@ class BenchRunner:
             # an index no workload reaches: warm-up prompts share no prefix with measured ones
             prompt = random_prompt(2**40 + i, 16, self.config.vocab_size, self.config.seed)
             request = BenchRequest(index=-1 - i, prompt_token_ids=prompt, max_tokens=4, arrival_s=None)
-            record = await send_request(stub, request, f"bench-{self.run_id}-warmup-{i}", time.perf_counter(),
-                                        seed=self.config.seed, timeout_s=self.config.request_timeout_s)
+            request_id = f"bench-{self.run_id}-warmup-{i}"
+            record = await self._request(stub, request, request_id, time.perf_counter())
             if not record.is_ok:
                 raise RuntimeError(f"warm-up request failed at {self.address}: "
                                    f"{record.status} {record.error}")

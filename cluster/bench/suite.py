@@ -1,8 +1,9 @@
 """Run one workload against one or more targets and write every output.
 
-A target is a label and a context manager that yields a gRPC address: an external cluster
-(`--server`), or an embedded cluster started for the run (`--embedded`, one per mode with
-`--compare`; one after the other, so they never share the 2 CPU cores).
+A target is a label and a context manager that yields the cluster's addresses (gRPC, and the
+OpenAI HTTP API's): an external cluster (`--server`, `--http-server`), or an embedded cluster
+started for the run (`--embedded`, one per mode with `--compare`; one after the other, so they
+never share the 2 CPU cores). `api="openai"` sends the requests through the HTTP API.
 
 Output folder layout (one target): results.json, summary.md, latency_cdf.png, throughput.png.
 Several targets: one sub-folder per label with those four files, plus compare.md and the plots
@@ -26,16 +27,24 @@ from cluster.bench.workload import Workload
 
 
 @dataclass(frozen=True)
+class Addresses:
+    """A running cluster's API addresses (``host:port``); ``http`` is "" when it serves no HTTP."""
+
+    grpc: str
+    http: str = ""
+
+
+@dataclass(frozen=True)
 class Target:
-    """Where to send the workload: `open()` yields the gRPC address for the run's duration."""
+    """Where to send the workload: `open()` yields the cluster's addresses for the run's duration."""
 
     label: str
-    open: Callable[[], AbstractContextManager[str]]
+    open: Callable[[], AbstractContextManager[Addresses]]
 
 
-def external_target(address: str, label: str = "cluster") -> Target:
-    """A cluster that is already running at `address`."""
-    return Target(label, lambda: contextlib.nullcontext(address))
+def external_target(address: str, label: str = "cluster", http_address: str = "") -> Target:
+    """A cluster that is already running at `address` (gRPC) and `http_address` (OpenAI API)."""
+    return Target(label, lambda: contextlib.nullcontext(Addresses(address, http_address)))
 
 
 def embedded_target(mode: str, cluster_config: Any = None, colocated_replicas: int | None = None) -> Target:
@@ -47,7 +56,7 @@ def embedded_target(mode: str, cluster_config: Any = None, colocated_replicas: i
     """
 
     @contextlib.contextmanager
-    def open_cluster() -> Iterator[str]:
+    def open_cluster() -> Iterator[Addresses]:
         from cluster.config import ClusterConfig
         from cluster.embedded import EmbeddedCluster
 
@@ -57,26 +66,32 @@ def embedded_target(mode: str, cluster_config: Any = None, colocated_replicas: i
             replicas = colocated_replicas or base.prefill.num_replicas + base.decode.num_replicas
             config = config.override({"decode.num_replicas": replicas})
         with EmbeddedCluster(config) as cluster:
-            yield cluster.grpc_address
+            yield Addresses(cluster.grpc_address, cluster.http_address)
 
     return Target(mode, open_cluster)
 
 
 def run_suite(config: BenchConfig, workload: Workload, targets: Sequence[Target], out_dir: Path, *,
-              show_progress: bool = True, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run `workload` against each target in turn; write outputs; return the results documents."""
+              show_progress: bool = True, echo: Callable[[str], None] = print,
+              api: str = "grpc") -> list[dict[str, Any]]:
+    """Run `workload` against each target in turn through `api` ("grpc" or "openai"); write outputs;
+    return the results documents."""
     from cluster.bench.plots import write_plots  # matplotlib: imported only when a run writes plots
 
     documents: list[dict[str, Any]] = []
     for target in targets:
         run_dir = out_dir if len(targets) == 1 else out_dir / target.label
         echo(f"[pdserve bench] {target.label}: starting")
-        with target.open() as address:
-            echo(f"[pdserve bench] {target.label}: running against {address}")
-            result = BenchRunner(config, workload, address, show_progress=show_progress,
-                                 label=target.label).run()
+        with target.open() as addresses:
+            http = addresses.http if api == "openai" else None
+            if api == "openai" and not http:
+                raise RuntimeError(f"{target.label}: the cluster serves no HTTP API (http.enabled is off)")
+            address = f"http://{http}" if http else addresses.grpc
+            echo(f"[pdserve bench] {target.label}: running against {address} ({api})")
+            result = BenchRunner(config, workload, addresses.grpc, show_progress=show_progress,
+                                 label=target.label, http_address=http).run()
         summary = summarize(result.records, result.samples, config.slo)
-        document = results_document(config, target.label, result, summary, {"address": address})
+        document = results_document(config, target.label, result, summary, {"address": address, "api": api})
         write_run(run_dir, document)
         write_plots([(target.label, result.records)], run_dir)
         documents.append(document)

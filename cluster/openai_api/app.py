@@ -129,7 +129,9 @@ class OpenAIApp:
             wire = chat_wire(body) if is_chat else completion_wire(body)
             request_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
             valid = validated(wire, body, self.path.model.tokenizer, self.path.model.limits, request_id)
-            builder = ResponseBuilder(request_id, self.path.model.name, is_chat, body.include_usage)
+            builder = ResponseBuilder(
+                request_id, self.path.model.name, is_chat, body.include_usage, body.return_token_ids
+            )
             stream = self.path.generate(valid)
             if body.stream:
                 return await self._stream(request, endpoint, stream, builder)
@@ -143,16 +145,17 @@ class OpenAIApp:
     async def _complete(
         self, request: Request, endpoint: str, stream: Responses, builder: ResponseBuilder
     ) -> Response:
-        async def collect() -> tuple[str, pb.GenerateResponse]:
-            parts, last = [], pb.GenerateResponse()
+        async def collect() -> tuple[str, list[int], pb.GenerateResponse]:
+            parts, token_ids, last = [], [], pb.GenerateResponse()
             async with asyncio.timeout(self.path.config.request_timeout_s):
                 async for response in stream:
                     parts.append(response.text)
+                    token_ids.extend(response.token_ids)
                     last = response
-            return "".join(parts), last
+            return "".join(parts), token_ids, last
 
         try:
-            text, last = await _unless_disconnected(collect(), request.receive)
+            text, token_ids, last = await _unless_disconnected(collect(), request.receive)
         except (ApiError, ClientGone):
             raise
         except Exception as error:
@@ -160,7 +163,7 @@ class OpenAIApp:
         finally:
             await stream.aclose()
         self.metrics.count_usage(last)
-        return self._json(endpoint, builder.full(text, last))
+        return self._json(endpoint, builder.full(text, last, token_ids))
 
     async def _stream(
         self, request: Request, endpoint: str, stream: Responses, builder: ResponseBuilder

@@ -46,6 +46,7 @@ class _SamplingBody(_Body):
     stop: Stop = None
     stop_token_ids: list[TokenId] | None = None  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM)
+    return_token_ids: bool = False  # extension (vLLM): choices carry the generated token ids
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # the tenant (prefix-cache isolation) until tenancy has its own API

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ class ResponseBuilder:
     model: str
     is_chat: bool
     include_usage: bool = False  # streaming: send a usage chunk before [DONE]
+    return_token_ids: bool = False  # extension (as vLLM's): each choice also carries its token ids
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -66,9 +68,11 @@ class ResponseBuilder:
             "choices": choices,
         }
 
-    def full(self, text: str, last: pb.GenerateResponse) -> dict[str, Any]:
-        """The non-streaming body: all text, the finish reason, usage."""
+    def full(self, text: str, last: pb.GenerateResponse, token_ids: Sequence[int] = ()) -> dict[str, Any]:
+        """The non-streaming body: all text (and token ids when asked), the finish reason, usage."""
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason_of(last)}
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
         if self.is_chat:
             choice["message"] = {"role": "assistant", "content": text}
             body = self._envelope("chat.completion", [choice])
@@ -78,8 +82,16 @@ class ResponseBuilder:
         body["usage"] = usage_of(last)
         return body
 
-    def _chunk(self, delta_text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+    def _chunk(
+        self,
+        delta_text: str | None,
+        finish_reason: str | None,
+        role: bool = False,
+        token_ids: Sequence[int] = (),
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.return_token_ids and not role:
+            choice["token_ids"] = list(token_ids)
         if self.is_chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if delta_text is not None:
@@ -98,12 +110,14 @@ class ResponseBuilder:
         return [sse_event(self._chunk("", None, role=True))] if self.is_chat else []
 
     def events(self, response: pb.GenerateResponse) -> list[bytes]:
-        """The events of one message from the path: its text chunk (skipped when it has no text and is
-        not the last), then, on the last message, the usage chunk and ``[DONE]``."""
+        """The events of one message from the path: its text chunk (skipped when it has no text, is not
+        the last and no token ids were asked for), then, on the last message, the usage chunk and
+        ``[DONE]``."""
         finish_reason = finish_reason_of(response)
         events = []
-        if response.text or finish_reason is not None:
-            events.append(sse_event(self._chunk(response.text, finish_reason)))
+        if response.text or finish_reason is not None or (self.return_token_ids and response.token_ids):
+            chunk = self._chunk(response.text, finish_reason, token_ids=response.token_ids)
+            events.append(sse_event(chunk))
         if finish_reason is not None:
             if self.include_usage:
                 chunk = self._envelope(

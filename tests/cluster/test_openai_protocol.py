@@ -216,3 +216,11 @@ def test_completion_stream_without_usage_and_full_bodies() -> None:
 
 def test_sse_event_is_compact_utf8() -> None:
     assert sse_event({"text": "é"}) == 'data: {"text":"é"}\n\n'.encode()
+
+
+def test_return_token_ids_extension() -> None:
+    builder = ResponseBuilder("cmpl-1", "m", is_chat=False, return_token_ids=True)
+    held_back = pb.GenerateResponse(token_ids=[1, 2], text="")  # no text yet, but tokens were asked for
+    (chunk,) = _decode(builder.events(held_back))
+    assert chunk["choices"][0]["token_ids"] == [1, 2] and chunk["choices"][0]["text"] == ""
+    assert builder.full("ab", _final("b"), [1, 2, 3])["choices"][0]["token_ids"] == [1, 2, 3]
