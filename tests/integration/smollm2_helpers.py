@@ -43,6 +43,7 @@ def smollm2_config(changes: dict[str, Any] | None = None) -> ClusterConfig:
             "prefill": dict(pool),
             "decode": dict(pool),
             "grpc": {"port": 0},
+            "http": {"port": 0},
         }
     )
     return base.override(changes) if changes else base
