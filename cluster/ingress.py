@@ -72,9 +72,11 @@ class IngressDeployment:
         return self.loop_class
 
     async def check_health(self) -> None:
-        """Serve's health check: the gRPC server must still be serving."""
+        """Serve's health check: the gRPC server (and the HTTP server when enabled) must still be serving."""
         if self.server is None:
             raise RuntimeError("gRPC server stopped")
+        if self.http is not None and not self.http.is_serving:
+            raise RuntimeError("HTTP server stopped")
 
     async def __del__(self) -> None:
         server, self.server = self.server, None

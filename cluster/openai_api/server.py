@@ -39,6 +39,11 @@ class HttpServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def is_serving(self) -> bool:
+        """Started and not stopped (the serve task still runs)."""
+        return self._task is not None and not self._task.done()
+
     async def start(self) -> None:
         """Serve in the background on the running loop; returns once it accepts connections."""
         self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
