@@ -83,3 +83,43 @@ def test_body_matches_the_grpc_bench_sampling() -> None:
     request = BenchRequest(index=0, prompt_token_ids=(5,), max_tokens=2, arrival_s=None)
     body = completion_body(request, seed=1, tenant_id="")
     assert body["temperature"] == 0 and body["ignore_eos"] and "user" not in body
+
+
+def test_runner_sends_the_workload_over_http() -> None:
+    """BenchRunner with http_address: every request (and the warm-up) goes to /v1/completions; the
+    fake gRPC server only answers ClusterInfo."""
+    from cluster.bench.config import BenchConfig, parse_length_mix
+    from cluster.bench.runner import BenchRunner
+    from cluster.bench.workload import Workload
+    from tests.bench.fake_server import FakeServer, Plan
+
+    bodies: list[dict] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(body["max_tokens"]):
+            reason = "length" if index == body["max_tokens"] - 1 else None
+            choice = {"index": 0, "text": "x", "token_ids": [7], "finish_reason": reason}
+            await response.write(_event({"choices": [choice]}))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def run() -> object:
+        runner, base_url = await _serve(handler)
+        try:
+            with FakeServer(lambda request: Plan(ttft_ms=1, gap_ms=1, chunk_pattern=(1,))) as fake:
+                config = BenchConfig(arrival="closed", concurrency=2, num_requests=4,
+                                     lengths=parse_length_mix("16x3"), warmup_requests=1)
+                bench = BenchRunner(config, Workload(config), fake.address, show_progress=False,
+                                    http_address=base_url.removeprefix("http://"))
+                return await bench.run_async()
+        finally:
+            await runner.cleanup()
+
+    result = asyncio.run(run())
+    assert len(bodies) == 5 and all(b["stream"] and b["return_token_ids"] for b in bodies)
+    assert [r.num_completion_tokens for r in result.records] == [3, 3, 3, 3]
+    assert all(r.is_ok for r in result.records)
