@@ -15,8 +15,9 @@ absent (``HAS_TRITON`` is then False and the backend is never selected); the ker
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, TorchAttention
+from engine.attention import AttentionMetadata, PrefillChunk, TorchAttention
 
 try:  # Triton ships with CUDA builds of torch; the CPU build and this repo's CPU CI have none.
     import triton
@@ -192,3 +193,22 @@ class TritonAttention(TorchAttention):
             assert meta.decode_mask is not None
             lens = meta.decode_mask[:, 0, 0, :].sum(-1).to(torch.int32)
         return paged_decode(query, layer_cache, meta.decode_block_tables, lens, self.scale)
+
+    def _prefill(
+        self,
+        layer_cache: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        chunk: PrefillChunk,
+    ) -> torch.Tensor:
+        """A chunk with nothing before it: causal SDPA with K/V repeated to every query head, so
+        PyTorch may take its flash kernel (``enable_gqa`` is not taken by every fused kernel on every
+        version); chunks after cached context keep the base class's masked SDPA."""
+        if chunk.context_start or self.group_size == 1:
+            return super()._prefill(layer_cache, query, key, value, chunk)
+        query_t = query.transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
+        keys = key.repeat_interleave(self.group_size, dim=1).transpose(0, 1).unsqueeze(0)
+        values = value.repeat_interleave(self.group_size, dim=1).transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(query_t, keys, values, is_causal=True, scale=self.scale)
+        return out[0].transpose(0, 1)  # [n, heads, head_dim]

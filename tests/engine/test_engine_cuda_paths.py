@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, TorchAttention, build_decode_mask, make_attention_backend
+from engine.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    TorchAttention,
+    build_decode_mask,
+    make_attention_backend,
+)
 from engine.cuda_graphs import CUDAGraphDecoder, bucket_for, graph_batch_sizes, pad_decode_batch
 from engine.flash_attention import FlashAttention
-from engine.triton_attention import HAS_TRITON, paged_decode_reference, triton_supported
+from engine.triton_attention import HAS_TRITON, TritonAttention, paged_decode_reference, triton_supported
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -113,6 +119,18 @@ def test_paged_decode_reference_matches_torch_backend(num_kv_heads: int, group: 
     expected = backend._decode(layer_cache, query, meta)
     actual = paged_decode_reference(query, layer_cache, tables, lens, head_dim**-0.5)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backend_prefill_matches_torch_on_cpu() -> None:
+    """The Triton backend's prefill is torch (K/V repeated per query head): it runs on CPU too."""
+    generator = torch.Generator().manual_seed(2)
+    num_tokens, heads, kv_heads, head_dim = 9, 8, 2, 16
+    query = torch.randn((num_tokens, heads, head_dim), generator=generator)
+    key, value = (torch.randn((num_tokens, kv_heads, head_dim), generator=generator) for _ in range(2))
+    chunk = PrefillChunk(0, num_tokens, 0, torch.zeros(1, dtype=torch.long), None)
+    args = (torch.empty(0), query, key, value, chunk)
+    expected = TorchAttention(heads, kv_heads, head_dim, 0.25)._prefill(*args)
+    torch.testing.assert_close(TritonAttention(heads, kv_heads, head_dim, 0.25)._prefill(*args), expected)
 
 
 def test_paged_decode_reference_bf16_close() -> None:
