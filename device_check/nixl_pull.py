@@ -113,15 +113,32 @@ def _reader(conn, results, device: str) -> None:
     conn.send("done")
 
 
+def _wait_for_result(results, reader, holder, timeout_s: float = 180.0):
+    """The reader's result; fails fast (not at the timeout) when either process has died."""
+    import queue
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=2)
+        except queue.Empty:
+            for process in (reader, holder):
+                if not process.is_alive():
+                    raise RuntimeError(f"NIXL {process.name} exited with {process.exitcode}") from None
+    raise TimeoutError(f"no NIXL result within {timeout_s} s")
+
+
 def run_nixl() -> list[str]:
     context = mp.get_context("spawn")
     holder_end, reader_end = context.Pipe()
     results = context.Queue()
-    holder = context.Process(target=_holder, args=(holder_end, DEVICE, TOKENS * BYTES_PER_TOKEN))
-    reader = context.Process(target=_reader, args=(reader_end, results, DEVICE))
+    holder = context.Process(
+        target=_holder, args=(holder_end, DEVICE, TOKENS * BYTES_PER_TOKEN), name="holder"
+    )
+    reader = context.Process(target=_reader, args=(reader_end, results, DEVICE), name="reader")
     holder.start()
     reader.start()
-    pull, is_intact, copy = results.get(timeout=240)
+    pull, is_intact, copy = _wait_for_result(results, reader, holder)
     reader.join(60)
     holder.join(60)
     nbytes = TOKENS * BYTES_PER_TOKEN
