@@ -87,6 +87,37 @@ def test_byte_tokenizer_matches_the_whole_output_decode(tokens: list[int], data:
     assert stream(tokenizer, tokens, stops) == reference(tokenizer, tokens, stops)
 
 
+def split_stream(tokenizer: Tokenizer, tokens: list[int], stop: tuple[str, ...]) -> tuple[int | None, str]:
+    """A request split over two engines: prefill decodes the first token and sends what it may; decode
+    decodes every token again and drops the ``num_chars_sent`` chars prefill sent."""
+    prefill = StopStringChecker(tokenizer, stop)
+    if prefill.update(tokens[:1]) or len(tokens) == 1:
+        return (1 if prefill.is_stopped else None), prefill.take_new_text(True)
+    first_text = prefill.take_new_text(False)
+    decode = StopStringChecker(tokenizer, stop, num_chars_sent=len(first_text))
+    chunks = [first_text]
+    for end in range(1, len(tokens) + 1):
+        is_stopped = decode.update(tokens[:end])
+        is_finished = is_stopped or end == len(tokens)
+        chunks.append(decode.take_new_text(is_finished))
+        if is_stopped:
+            return end, "".join(chunks)
+    return None, "".join(chunks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=byte_tokens.filter(bool), data=st.data())
+def test_a_split_request_sends_the_text_of_one_engine(tokens: list[int], data: st.DataObject) -> None:
+    tokenizer = ByteTokenizer()
+    text = tokenizer.decode(tokens)
+    starts = st.integers(0, max(0, len(text) - 1))
+    substrings = starts.flatmap(lambda start: st.integers(start + 1, start + 4).map(lambda e: text[start:e]))
+    stops = tuple(
+        s for s in data.draw(st.lists(substrings | st.text(min_size=1, max_size=3), max_size=3)) if s
+    )
+    assert split_stream(tokenizer, tokens, stops) == reference(tokenizer, tokens, stops)
+
+
 def test_incomplete_character_is_held_back_until_decided() -> None:
     checker = StopStringChecker(ByteTokenizer(), ())
     euro = list("€".encode())  # three bytes
@@ -136,6 +167,16 @@ def test_hf_tokenizers_match_the_whole_output_decode(name: str, text: str) -> No
     for start in range(0, len(full) - 2, 3):  # stop strings starting everywhere, 1 to 3 chars long
         stop = (full[start : start + 1 + start % 3],)
         assert stream(tokenizer, tokens, stop) == reference(tokenizer, tokens, stop), stop
+
+
+@pytest.mark.parametrize("name", ["byte_level", "metaspace"])
+def test_a_split_hf_request_sends_the_text_of_one_engine(name: str) -> None:
+    """Tokens of several characters: prefill sends part of the first token's text, decode the rest."""
+    tokenizer = hf_tokenizers()[name]
+    tokens = tokenizer.encode(TEXTS[1])
+    full = tokenizer.decode(tokens)
+    for stop in [(), (full[:2],), (full[1:6],), ("<never seen>", full[4:7]), (full[-3:],)]:
+        assert split_stream(tokenizer, tokens, stop) == reference(tokenizer, tokens, stop), stop
 
 
 # -- acceptance: the work per step is bounded ---------------------------------------------------------
