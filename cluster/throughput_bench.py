@@ -155,15 +155,29 @@ def _print_table(rows: list[tuple[int, dict[str, RunResult]]]) -> None:
 @click.option("--repeats", type=int, default=2, show_default=True, help="Runs per cell; the best is kept.")
 @click.option("--decode-cpus", type=float, default=1.0, show_default=True)
 @click.option("--model", default=BUILTIN_MODEL_ID, show_default=True, help="engine.model of the cluster.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True
+)  # the figures in docs/benchmarks.md are float32 (the cluster's own default is bfloat16)
 def main(
-    streams: str, max_tokens: int, prompt_tokens: int, repeats: int, decode_cpus: float, model: str
+    streams: str,
+    max_tokens: int,
+    prompt_tokens: int,
+    repeats: int,
+    decode_cpus: float,
+    model: str,
+    dtype: str,
 ) -> None:
     """Print gRPC API, HTTP API and direct decode-pool tokens/s at each concurrency."""
     levels = [int(s) for s in streams.split(",")]
     pool = {"torch_threads": 1, "max_ongoing_requests": 512}
     config = config_from_dict(
         {
-            "engine": {"model": model, "kv_cache_bytes": 64 * 2**20, "max_num_seqs": max(64, max(levels))},
+            "engine": {
+                "model": model,
+                "dtype": dtype,
+                "kv_cache_bytes": 64 * 2**20,
+                "max_num_seqs": max(64, max(levels)),
+            },
             "prefill": {"num_cpus": 0.5, **pool},
             "decode": {"num_cpus": decode_cpus, **pool},
             "grpc": {"port": 0},
