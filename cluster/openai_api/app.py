@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Send
 
+from cluster.metrics import IngressMetrics, PoolLoads
 from cluster.openai_api.errors import ApiError, bad_request, from_grpc
 from cluster.openai_api.metrics import HttpMetrics
 from cluster.openai_api.protocol import (
@@ -65,12 +66,21 @@ class OpenAIApp:
     """The routes; ``pools_ready`` is the gRPC servicer's readiness check (every pool has a live replica)."""
 
     def __init__(
-        self, path: RequestPath, pools_ready: Callable[[], Awaitable[bool]], max_body_bytes: int
+        self,
+        path: RequestPath,
+        pools_ready: Callable[[], Awaitable[bool]],
+        max_body_bytes: int,
+        ingress_metrics: IngressMetrics | None = None,
+        pool_stats: Callable[[], Awaitable[PoolLoads]] | None = None,
     ) -> None:
+        """``ingress_metrics``: the ingress's registry, which ``/metrics`` serves with the HTTP counters;
+        ``pool_stats``: the replicas' fresh loads (the servicer's), asked for at each scrape."""
         self.path = path
         self.pools_ready = pools_ready
         self.max_body_bytes = max_body_bytes
-        self.metrics = HttpMetrics()
+        self.ingress_metrics = ingress_metrics
+        self.pool_stats = pool_stats
+        self.metrics = HttpMetrics(ingress_metrics.registry if ingress_metrics is not None else None)
         self._ignored_logged: set[str] = set()
         self.app = Starlette(
             routes=[
@@ -101,13 +111,20 @@ class OpenAIApp:
         return self._json("/v1/models", {"object": "list", "data": [model]})
 
     async def health(self, request: Request) -> Response:
-        if await self.pools_ready():
+        try:
+            is_ready = await self.pools_ready()
+        except Exception as error:  # the check itself failed: not serving, never a 500
+            logger.warning("health check failed: %s", error)
+            is_ready = False
+        if is_ready:
             return self._json("/health", {"status": "ok", "model": self.path.model.name})
         error = ApiError(503, "a pool has no live replica", "service_unavailable_error", None, "not_serving")
         return self._error("/health", error)
 
     async def metrics_route(self, request: Request) -> Response:
         self.metrics.count_request("/metrics", 200)
+        if self.ingress_metrics is not None and self.pool_stats is not None:
+            self.ingress_metrics.set_pool_loads(await self.pool_stats())
         payload, content_type = self.metrics.render(request.headers.get("accept", ""))
         return Response(payload, headers={"Content-Type": content_type})
 

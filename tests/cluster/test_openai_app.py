@@ -171,3 +171,11 @@ def test_health_follows_readiness() -> None:
 
     status, _, data = asyncio.run(_call(OpenAIApp(FakePath(), not_ready, 2**20), "/health", b""))
     assert status == 503 and json.loads(data)["error"]["code"] == "not_serving"
+
+
+def test_health_is_503_when_the_check_fails() -> None:
+    async def broken() -> bool:
+        raise RuntimeError("controller unreachable")
+
+    status, _, _ = asyncio.run(_call(OpenAIApp(FakePath(), broken, 2**20), "/health", b""))
+    assert status == 503
