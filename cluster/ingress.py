@@ -44,7 +44,9 @@ class IngressDeployment:
         self.http: HttpServer | None = None
         if config.http.enabled:
             ready = getattr(self.servicer, "pools_ready", None) or self.servicer._pools_ready
-            api = OpenAIApp(self.path, ready, config.http.max_body_bytes)
+            api = OpenAIApp(
+                self.path, ready, config.http.max_body_bytes, self.path.metrics, self.servicer.pool_stats
+            )
             self.http = HttpServer(api.app, config.http.host, config.http.port)
         await self.server.start()
         if self.http is not None:

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.config import ClusterConfig
+from cluster.metrics import IngressMetrics, RequestFacts
 from cluster.model_info import ModelInfo
 from cluster.replica_directory import REPLICA_DIRECTORY, ReplicaView
 from cluster.route_policy import RoutePolicy
 from cluster.validation import ValidRequest
+from kv_transfer.base import KVHandle
 from protos import pdserve_pb2 as pb
 from worker_common.messages import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
 
@@ -58,6 +60,10 @@ class _Trace:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     route: pb.RouteInfo = field(default_factory=pb.RouteInfo)
+    message_gaps: list[tuple[float, int]] = field(default_factory=list)  # (s since previous, its tokens)
+    kv_transfer_bytes: int = 0  # blocks handed to decode x block bytes
+    has_prefill_phase: bool = False
+    has_kv_transfer: bool = False
 
 
 class RequestPath:
@@ -70,6 +76,7 @@ class RequestPath:
         self.decode = decode  # DeploymentHandle of DecodeDeployment
         self.decode_stream = decode.options(stream=True)
         self.policy = RoutePolicy(config.router)
+        self.metrics = IngressMetrics()  # recorded in _finish; served on the HTTP API's /metrics
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget notices kept alive here
 
     async def generate(self, request: ValidRequest) -> AsyncIterator[pb.GenerateResponse]:
@@ -103,6 +110,8 @@ class RequestPath:
             now = time.perf_counter()
             if trace.first_sent is None:
                 trace.first_sent = now
+            elif token_ids:
+                trace.message_gaps.append((now - (trace.last_sent or now), len(token_ids)))
             trace.last_sent = now
             trace.num_output_tokens = num_output_tokens
             if finish_reason is not None:
@@ -126,6 +135,7 @@ class RequestPath:
             trace.num_cached_tokens = result.num_cached_tokens
             trace.route.prefill_replica = result.replica_id
             trace.route.reason = f"prefill={choice.reason}"
+            trace.has_prefill_phase = True
             if not result.is_prefilled:
                 is_released = True  # the first token ended it; the prefill replica unpinned at once
                 yield [result.first_token_id], result.first_text, result.finish_reason
@@ -133,6 +143,7 @@ class RequestPath:
             assert result.handle is not None
             yield [result.first_token_id], result.first_text, None
             decode_choice = self.policy.choose_decode(len(result.handle.block_ids), decode_views)
+            trace.kv_transfer_bytes = _handle_bytes(result.handle)
             trace.route.reason += f" decode={decode_choice.reason}"
             work_item = DecodeRequest(work, result.first_token_id, result.handle, len(result.first_text))
             stream = self.decode_stream.generate.remote(work_item, target_replica_id=decode_choice.replica_id)
@@ -198,6 +209,7 @@ class RequestPath:
         trace.kv_transfer_ms = chunk.kv_transfer_ms
         trace.route.decode_replica = chunk.replica_id
         trace.route.kv_transport = chunk.kv_transport
+        trace.has_kv_transfer = True
 
     def _notify_prefill(
         self,
@@ -240,6 +252,15 @@ class RequestPath:
         )
         timings.e2e_ms = (last - trace.arrival) * 1e3
         response.route.CopyFrom(trace.route)
+        facts = RequestFacts(
+            tuple(trace.message_gaps), trace.kv_transfer_bytes, trace.has_prefill_phase, trace.has_kv_transfer
+        )
+        self.metrics.record(response, facts)
+
+
+def _handle_bytes(handle: KVHandle) -> int:
+    """The KV bytes a handle lends: its blocks x block bytes (what a pull moves at most)."""
+    return len(handle.block_ids) * handle.layout.bytes_per_token * handle.layout.block_size
 
 
 def _piece_of(chunk: DecodeChunk) -> _Piece:

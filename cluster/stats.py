@@ -44,6 +44,8 @@ class ReplicaLoad:
     pinned_requests: int = 0  # prefill: requests whose KV is lent to a decode replica
     leases_expired: int = 0  # prefill: leases that ended without a release
     recomputed_requests: int = 0  # decode: pulls that failed and were recomputed here
+    # (victim tenant, causing tenant, cached blocks evicted) since start, sorted; the engine's evictions
+    evictions: tuple[tuple[str, str, int], ...] = ()
 
     @classmethod
     def from_engine(cls, replica_id: str, stats: EngineStats, **worker_counts: int) -> ReplicaLoad:
@@ -63,6 +65,8 @@ class ReplicaLoad:
             generated_tokens=int(stats.num_generated_tokens),
             preemptions=int(stats.num_preemptions),
             reported_at=time.time(),
+            evictions=tuple(sorted((victim, causing, int(n))
+                                   for (victim, causing), n in stats.evictions.items())),
             **worker_counts,
         )
 

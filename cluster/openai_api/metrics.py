@@ -14,8 +14,9 @@ __all__ = ["HttpMetrics"]
 class HttpMetrics:
     """Requests by endpoint and status, tokens of finished requests, streams open now."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """``registry``: the ingress's (``cluster.metrics.IngressMetrics``), else one of its own."""
+        self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
             "pdserve_http_requests",
             "HTTP requests answered, by endpoint and status code (streams count when their headers go out)",
