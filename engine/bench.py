@@ -283,7 +283,8 @@ def kernel_floor(engine: LLMEngine, batch: int, context: int) -> dict[str, float
     config = model.config
     generator = torch.Generator().manual_seed(0)
     projections = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, TransposedLinear))]
-    inputs = [torch.randn(batch, m.weight.shape[1], generator=generator) for m in projections]
+    dtype = next(model.parameters()).dtype  # the serving dtype (bfloat16 weights take bfloat16 inputs)
+    inputs = [torch.randn(batch, m.weight.shape[1], generator=generator).to(dtype) for m in projections]
 
     def matmuls() -> None:
         for module, x in zip(projections, inputs, strict=True):
@@ -298,10 +299,10 @@ def kernel_floor(engine: LLMEngine, batch: int, context: int) -> dict[str, float
     backend = model.model.layers[0].self_attn.backend
     kv_shape = (batch, config.num_kv_heads, context, config.head_dim)
     caches = [
-        (torch.randn(kv_shape, generator=generator), torch.randn(kv_shape, generator=generator))
+        tuple(torch.randn(kv_shape, generator=generator).to(dtype) for _ in "kv")
         for _ in range(config.num_layers)
     ]
-    query = torch.randn(batch, config.num_heads, config.head_dim, generator=generator)
+    query = torch.randn(batch, config.num_heads, config.head_dim, generator=generator).to(dtype)
     meta = AttentionMetadata(
         slot_block_ids=torch.empty(0),
         slot_offsets=torch.empty(0),
