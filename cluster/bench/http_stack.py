@@ -130,15 +130,17 @@ async def _measure(port: int, concurrency: int, rounds: int) -> dict[str, float]
 @click.command()
 @click.option("--chunks", "num_chunks", default=256, show_default=True, help="SSE chunks per stream.")
 @click.option("--port", default=18101, show_default=True)
+@click.option("--stack", "stacks", type=click.Choice(sorted(SERVERS)), multiple=True,
+              help="Stacks to measure, in this order (repeatable) [default: both, Starlette first].")
 @click.option("--serve", "serve_stack", type=click.Choice(sorted(SERVERS)), default=None, hidden=True)
-def main(num_chunks: int, port: int, serve_stack: str | None) -> None:
+def main(num_chunks: int, port: int, stacks: tuple[str, ...], serve_stack: str | None) -> None:
     """Measure SSE streaming on both stacks (see the module docstring)."""
     if serve_stack is not None:
         SERVERS[serve_stack](port, num_chunks)
         return
     import uvloop
 
-    for stack in SERVERS:
+    for stack in stacks or tuple(SERVERS):
         command = [sys.executable, "-m", "cluster.bench.http_stack", "--serve", stack, "--port", str(port),
                    "--chunks", str(num_chunks)]
         server = subprocess.Popen(command)
