@@ -43,7 +43,7 @@ class IngressDeployment:
         self.server, self.port = make_server(self.servicer, config.grpc.host, config.grpc.port)
         self.http: HttpServer | None = None
         if config.http.enabled:
-            ready = getattr(self.servicer, "pools_ready", None) or self.servicer._pools_ready
+            ready = self.servicer.pools_ready
             api = OpenAIApp(
                 self.path, ready, config.http.max_body_bytes, self.path.metrics, self.servicer.pool_stats
             )

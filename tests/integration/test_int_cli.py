@@ -29,7 +29,10 @@ def test_pdserve_serve_and_generate_json(tmp_path: Path) -> None:
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         # the random built-in model, named (the default is SmolLM2: tests/integration/test_int_smollm2.py)
-        [PDSERVE, "serve", "--port", str(port), "--model", BUILTIN_MODEL_ID, "--dtype", "float32"],
+        [
+            *(PDSERVE, "serve", "--port", str(port), "--http-port", "0"),
+            *("--model", BUILTIN_MODEL_ID, "--dtype", "float32"),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
