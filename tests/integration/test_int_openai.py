@@ -4,7 +4,7 @@ Acceptance 1 (completions part): the official ``openai`` client, sync and async,
 greedy text identical to the gRPC path's for the same prompts, usage with cached tokens on a repeated
 prompt. Acceptance 3: a client that drops its SSE stream mid-way frees its blocks on both pools within
 1 s (ClusterInfo). Acceptance 4: every error case has its status and OpenAI's error shape, then a good
-request succeeds. Chat (a model with a template) is tests/integration/test_int_openai_chat.py.
+request succeeds. Chat (a model with a template) is tests/integration/test_int_smollm2_chat_http.py.
 """
 
 from __future__ import annotations
