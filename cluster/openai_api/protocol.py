@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.openai_api.errors import ApiError, bad_request
+from cluster.openai_api.errors import ApiError, bad_request, from_grpc
 from cluster.validation import MAX_ID_LENGTH, ModelLimits, RequestError, ValidRequest, validate
 from protos import pdserve_wire_pb2 as wire_pb
 
@@ -241,8 +241,6 @@ def validated(
 ) -> ValidRequest:
     """``cluster.validation.validate`` on the wire request, errors in the HTTP shape; a body without
     ``max_tokens`` gets what is left of the context."""
-    from cluster.openai_api.errors import from_grpc
-
     wire.request_id = request_id.encode()
     has_max = body.max_tokens is not None or getattr(body, "max_completion_tokens", None) is not None
     prompt_field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
