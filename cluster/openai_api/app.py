@@ -38,6 +38,7 @@ from cluster.openai_api.protocol import (
 )
 from cluster.openai_api.responses import DONE_EVENT, ResponseBuilder, sse_event
 from cluster.request_path import RequestPath
+from cluster.servicer import status_for
 from protos import pdserve_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -273,8 +274,6 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 def _path_error(error: BaseException) -> ApiError:
     """A failure on the request path, as ``cluster.servicer.status_for`` classifies it for gRPC."""
-    from cluster.servicer import status_for
-
     if isinstance(error, ApiError):
         return error
     code, message = status_for(error)
