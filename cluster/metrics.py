@@ -189,18 +189,13 @@ class ReplicaLoadCollector(Collector):
         for pool, loads in pools:
             num_replicas.add_metric([pool], len(loads))
         yield num_replicas
-        for name, doc, attribute in _GAUGES:
-            gauge = GaugeMetricFamily(name, doc, labels=labels)
-            for pool, loads in pools:
-                for load in loads:
-                    gauge.add_metric([pool, load.replica_id], float(getattr(load, attribute)))
-            yield gauge
-        for name, doc, attribute in _TOTALS:
-            counter = CounterMetricFamily(name, doc, labels=labels)
-            for pool, loads in pools:
-                for load in loads:
-                    counter.add_metric([pool, load.replica_id], float(getattr(load, attribute)))
-            yield counter
+        for family, specs in ((GaugeMetricFamily, _GAUGES), (CounterMetricFamily, _TOTALS)):
+            for name, doc, attribute in specs:
+                metric = family(name, doc, labels=labels)
+                for pool, loads in pools:
+                    for load in loads:
+                        metric.add_metric([pool, load.replica_id], float(getattr(load, attribute)))
+                yield metric
         yield self._evictions(pools)
 
     @staticmethod
