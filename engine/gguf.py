@@ -168,12 +168,12 @@ def _skip_array(blob: bytes, pos: int) -> tuple[int, int]:
     return count, pos
 
 
-def check_gguf_architecture(path: str) -> str:
+def check_gguf_architecture(header: GGUFHeader) -> str:
     """The file's architecture if the engine runs it; else ``UnsupportedModelError`` naming it."""
-    architecture = GGUFHeader.read(path).architecture
+    architecture = header.architecture
     if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"GGUF architecture {architecture!r} of {path!r} is not supported; pdserve's engine runs "
+            f"GGUF architecture {architecture!r} of {header.path!r} is not supported; pdserve's engine runs "
             f"GGUF architectures {', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Llama 2/3, Mistral, Qwen2, Qwen3)"
         )
     return architecture
@@ -206,8 +206,9 @@ def load_gguf_config(path: str) -> Any:
     """The file's model config as a ``transformers`` config (architecture checked first)."""
     from transformers import AutoConfig
 
-    check_gguf_architecture(path)
-    config = gguf_config_dict(GGUFHeader.read(path))
+    header = GGUFHeader.read(path)  # parsed once: the architecture check and the config both read it
+    check_gguf_architecture(header)
+    config = gguf_config_dict(header)
     return AutoConfig.for_model(config.pop("model_type"), **config)
 
 
