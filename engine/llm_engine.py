@@ -290,7 +290,8 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
 
     def _make_output(self, seq: Sequence) -> RequestOutput:
-        new_tokens = seq.output_token_ids[seq.num_reported_tokens :]
+        # slice token_ids: output_token_ids would copy the whole output on every step
+        new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.num_reported_tokens :]
         seq.num_reported_tokens = seq.num_output_tokens
         logits = None
         if seq.params.return_logits:
