@@ -48,7 +48,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from engine.config import STRICT_FROZEN
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +62,14 @@ KV_BLOCKS_USED_FRACTION = "kv_blocks_used_fraction"
 PREFILL_POLICY_PATH = "cluster.autoscaling:prefill_policy"
 DECODE_POLICY_PATH = "cluster.autoscaling:decode_policy"
 
-# Config models: unknown fields refused, frozen, no coercion (an int is still a valid float).
-_FROZEN = ConfigDict(extra="forbid", frozen=True, strict=True)
+# Config models are STRICT_FROZEN: unknown fields refused, frozen, no coercion (an int is a valid float).
 PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class MetricTarget(BaseModel):
     """One metric a pool scales on and the value per replica it should settle at."""
 
-    model_config = _FROZEN
+    model_config = STRICT_FROZEN
 
     name: str = Field(min_length=1)
     target_per_replica: PositiveFinite  # the operating point, in the metric's own unit
@@ -80,7 +81,7 @@ class MetricTarget(BaseModel):
 class HysteresisBand(BaseModel):
     """Utilization band (load / replicas, 1.0 = every replica at its target) where nothing changes."""
 
-    model_config = _FROZEN
+    model_config = STRICT_FROZEN
 
     # scale down only below this utilization, in [0, 1)
     downscale_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5

@@ -29,12 +29,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from cluster.autoscaling import DecodePolicyConfig, PrefillPolicyConfig
 from cluster.config_errors import ConfigError, describe_validation_error
 from engine.builtin import BUILTIN_MODEL_ID, SMOLLM2_MODEL_ID, resolve_model_path
-from engine.config import Device, DType, EngineConfig, Positive
+from engine.config import STRICT_FROZEN, Device, DType, EngineConfig, Positive
 from engine.gguf import find_gguf_file
 from kv_transfer.config import ShmConfig, TorchDistConfig, TransportConfig
 from router.config import RouterConfig
@@ -78,7 +78,7 @@ class ClusterEngineConfig(EngineConfig):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = STRICT_FROZEN
 
 
 def _derive(model: BaseModel, **values: Any) -> None:
