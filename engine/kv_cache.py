@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_memory import KVShape
+from engine.kv_memory import KVShape, torch_dtype_name
 from engine.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class KVCacheLayout:
 
     @property
     def kv_shape(self) -> KVShape:
-        return KVShape(self.num_layers, self.num_kv_heads, self.head_dim, dtype_name(self.dtype))
+        return KVShape(self.num_layers, self.num_kv_heads, self.head_dim, torch_dtype_name(self.dtype))
 
     @property
     def bytes_per_token(self) -> int:
@@ -46,11 +46,6 @@ class KVCacheLayout:
     @property
     def block_bytes(self) -> int:
         return self.kv_shape.block_bytes(self.block_size)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the names of ``engine.kv_memory.DTYPES``)."""
-    return str(dtype).removeprefix("torch.")
 
 
 def plan_kv_cache(

@@ -10,10 +10,15 @@ A token's KV in one layer is a key and a value vector per KV head::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # The serving dtypes by name, and their element sizes in bytes. The one list of dtype names.
 DTYPE_SIZES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPES: tuple[str, ...] = tuple(DTYPE_SIZES)
+_TORCH_DTYPE_NAMES = {f"torch.{name}": name for name in DTYPES}
 
 
 def dtype_size(dtype: str) -> int:
@@ -48,3 +53,20 @@ class KVShape:
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> int:
     """2 (K and V) x layers x KV heads x head dim x element size."""
     return 2 * num_layers * num_kv_heads * head_dim * dtype_size(dtype)
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the ``LayoutSignature.dtype`` spelling)."""
+    name = _TORCH_DTYPE_NAMES.get(str(dtype))
+    if name is None:
+        raise ValueError(f"unsupported KV dtype {dtype}; expected one of {sorted(_TORCH_DTYPE_NAMES)}")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``: a ``LayoutSignature.dtype`` (one of engine.kv_memory.DTYPES)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unsupported KV dtype {name!r}; expected one of {DTYPES}")
+    return getattr(torch, name)

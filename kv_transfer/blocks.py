@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.kv_memory import DTYPES
+from engine.kv_memory import torch_dtype, torch_dtype_name  # noqa: F401 -- re-exported for the transports
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from kv_transfer.base import LayoutSignature
 
 BLOCK_CONTIGUOUS = "block_contiguous"  # LayoutSignature.memory_layout of a block-major pool
-_TORCH_DTYPE_NAMES = {f"torch.{name}": name for name in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -57,23 +56,6 @@ def merge_block_runs(remote_block_ids: Sequence[int], local_block_ids: Sequence[
         start_remote, start_local, length = remote, local, 1
     runs.append(BlockRun(start_remote, start_local, length))
     return runs
-
-
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the ``LayoutSignature.dtype`` spelling)."""
-    name = _TORCH_DTYPE_NAMES.get(str(dtype))
-    if name is None:
-        raise ValueError(f"unsupported KV dtype {dtype}; expected one of {sorted(_TORCH_DTYPE_NAMES)}")
-    return name
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``: a ``LayoutSignature.dtype`` (one of engine.kv_memory.DTYPES)."""
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"unsupported KV dtype {name!r}; expected one of {DTYPES}")
-    return getattr(torch, name)
 
 
 def pool_shape(layout: LayoutSignature, num_blocks: int) -> tuple[int, ...]:
