@@ -6,7 +6,7 @@ KV bytes never travel here. Both workers and the ingress import these; the modul
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -52,6 +52,52 @@ class WorkerRequest:
     arrival_time: float = 0.0  # wall clock at the ingress (time.time())
 
 
+CACHE_CAUSES = ("", "evicted", "ring_walk", "never_cached")
+"""``CacheAttribution.cause`` values ("": every cacheable prompt token was served from the cache)."""
+
+
+@dataclass(frozen=True)
+class CacheAttribution:
+    """What a request's prefill reused from the prefix cache and, when it fell short, why
+    (docs/observability.md, "Cache attribution"). Computed by the engine when the prompt is first
+    admitted; the ingress adds the route (``with_route``).
+
+    ``cacheable_tokens``: prompt tokens a full hit would have served (its full blocks, less the last
+    token, which is always computed for its logits). ``cause`` when ``cached_tokens < cacheable_tokens``:
+    "evicted" (the first missing block of the prompt's chain is in the replica's eviction log: an earlier
+    request of this tenant left it there and an allocation took it), "ring_walk" (the router sent the
+    request off its prefix's ring owner under load; it wins over the replica's own story), else
+    "never_cached". ``evicted_blocks``: the prompt's chain blocks past the hit found in the eviction log;
+    ``evicted_by``: (causing tenant, blocks), most blocks first; ``first_evicted_at`` /
+    ``last_evicted_at``: wall clock (``time.time()``) of the earliest and latest of those evictions.
+    """
+
+    cached_tokens: int = 0
+    cacheable_tokens: int = 0
+    cause: str = ""
+    evicted_blocks: int = 0
+    evicted_by: tuple[tuple[str, int], ...] = ()
+    first_evicted_at: float = 0.0
+    last_evicted_at: float = 0.0
+    route_reason: str = ""  # the prefill route's reason at the ingress ("ring_owner", "ring_walk", ...)
+    replica_id: str = ""  # the replica whose cache this describes
+
+    @property
+    def evicted_by_tenant(self) -> str:
+        """The tenant whose allocations took most of the evicted blocks ("" when none were)."""
+        return self.evicted_by[0][0] if self.evicted_by else ""
+
+    @property
+    def is_short(self) -> bool:
+        """Fewer prompt tokens came from the cache than a full hit would have served."""
+        return self.cached_tokens < self.cacheable_tokens
+
+    def with_route(self, route_reason: str) -> CacheAttribution:
+        """This attribution with the ingress's route reason; a short hit after a ring walk is blamed on it."""
+        cause = "ring_walk" if route_reason == "ring_walk" and self.is_short else self.cause
+        return replace(self, route_reason=route_reason, cause=cause)
+
+
 @dataclass(frozen=True)
 class PrefillResult:
     """What a prefill replica returns: the first token and, unless the request already ended, its KV."""
@@ -70,6 +116,7 @@ class PrefillResult:
     # The first token's text, held back as the engine holds it (a possible stop-string start, an
     # incomplete UTF-8 character) unless the request ended; the decode side emits the rest.
     first_text: str = ""
+    cache: CacheAttribution = field(default_factory=CacheAttribution)  # what the prefill reused, and why not
 
     @property
     def is_prefilled(self) -> bool:
