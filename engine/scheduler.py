@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from engine.block_hash import hash_block, root_hash
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
+from engine.eviction_log import PrefixMiss
 from engine.prefix_index import PrefixMatch
+from engine.scheduling_rules import admits, blocks_for, chunk_tokens, max_prefix_blocks, may_admit
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -67,7 +69,7 @@ class Scheduler:
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold ``num_tokens`` tokens."""
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     # -- admission ----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -91,7 +93,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_tokens = chunk_tokens(seq.num_tokens - seq.num_computed_tokens, budget)
             num_new_blocks = self.blocks_for(seq.num_computed_tokens + num_tokens) - len(seq.block_ids)
             while not self.pool.can_allocate(num_new_blocks):
                 victim = self.running.pop()  # the most recently admitted gives way
@@ -110,13 +112,13 @@ class Scheduler:
         return output
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while may_admit(len(self.waiting), budget, len(self.running), self.config.max_num_seqs):
             seq = self.waiting[0]
             match = self._match_prefix(seq)
-            num_tokens = min(seq.num_tokens - match.num_cached_tokens, budget)
+            num_tokens = chunk_tokens(seq.num_tokens - match.num_cached_tokens, budget)
             num_new_blocks = self.blocks_for(match.num_cached_tokens + num_tokens) - len(match.block_ids)
             num_allocatable = self.pool.num_allocatable_blocks
-            if self.pool.num_evictable_in(match.block_ids) + num_new_blocks > num_allocatable:
+            if not admits(self.pool.num_evictable_in(match.block_ids), num_new_blocks, num_allocatable):
                 break  # admission by free blocks: wait for running sequences to finish
             self.pool.share(match.block_ids)
             seq.block_ids = [*match.block_ids, *self.pool.allocate(num_new_blocks, seq.tenant)]
@@ -124,6 +126,7 @@ class Scheduler:
             seq.num_registered_blocks = len(match.block_ids)
             if not seq.was_admitted:
                 seq.num_cached_tokens = match.num_cached_tokens
+                seq.prefix_miss = self._explain_miss(seq, match)
                 seq.was_admitted = True
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
@@ -136,8 +139,15 @@ class Scheduler:
         if not self.enable_prefix_caching:
             return PrefixMatch(0, ())
         self.extend_hashes(seq)
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        max_blocks = max_prefix_blocks(seq.num_tokens, self.block_size)
         return self.pool.match_prefix(seq.block_hashes[:max_blocks])
+
+    def _explain_miss(self, seq: Sequence, match: PrefixMatch) -> PrefixMiss:
+        """Read-only: which of the prompt's reusable blocks past the hit were evicted (cache attribution)."""
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        if not self.enable_prefix_caching:
+            return PrefixMiss(max_blocks, 0)
+        return self.pool.explain_miss(seq.block_hashes[:max_blocks], len(match.block_ids))
 
     def _preempt(self, seq: Sequence) -> None:
         self.pool.release(seq.block_ids)
