@@ -50,6 +50,9 @@ class WorkerRequest:
     sampling: SamplingSpec
     tenant: str = ""
     arrival_time: float = 0.0  # wall clock at the ingress (time.time())
+    # W3C trace context of the request's ingress span ({"traceparent": ...}; cluster.tracing injects and
+    # extracts it); empty when tracing is off, and then the workers make no spans at all.
+    trace_context: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 CACHE_CAUSES = ("", "evicted", "ring_walk", "never_cached")
