@@ -90,6 +90,9 @@ def serve(
     from cluster.embedded import EmbeddedCluster
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # a shell starts a background job with SIGINT ignored, and Python then installs no Ctrl-C handler:
+    # `pdserve serve &` followed by `kill -INT` must still shut down cleanly
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     cluster = EmbeddedCluster(config, address=ray_address)
     try:
         cluster.start()
@@ -109,6 +112,7 @@ def serve(
         sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         cluster.stop()
 
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from cluster.auth import AuthConfig
 from cluster.autoscaling import DecodePolicyConfig, PrefillPolicyConfig
 from cluster.config_errors import ConfigError, describe_validation_error
+from cluster.tracing import TracingConfig
 from cluster.migration import MigrationConfig
 from cluster.rate_limit import RateLimitConfig
 from cluster.tls import TlsConfig
@@ -174,6 +175,7 @@ class ClusterConfig(_Section):
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)  # OpenTelemetry; off by default
     migration: MigrationConfig = Field(default_factory=MigrationConfig)  # cluster.migration
     tracing: TracingConfig = Field(default_factory=TracingConfig)  # OpenTelemetry; off by default
     auth: AuthConfig = Field(default_factory=AuthConfig)  # API keys -> tenants (cluster/auth.py); off: none
