@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.builtin import BUILTIN_MODEL_ID
 from engine.kv_memory import DTYPES, KVShape
@@ -58,6 +58,19 @@ class EngineConfig(BaseModel):
     # CUDA only: decode steps of up to this many sequences replay CUDA graphs captured at start for
     # padded batch sizes 1, 2, 4, 8, 16, 24, ... (engine/cuda_graphs.py); 0 = off. Ignored on CPU.
     cuda_graph_max_batch_size: Annotated[int, Field(ge=0)] = 128
+    # Cache attribution and tenant KV shares (engine/block_pool.py, docs/observability.md): the eviction
+    # log's cap in entries (~233 bytes each; 0 = no log); every tenant's guaranteed fraction of the KV
+    # blocks in eviction (0 = plain LRU), and per-tenant fractions that replace it (their sum <= 1).
+    eviction_log_entries: Annotated[int, Field(ge=0)] = 65_536
+    tenant_kv_share: Annotated[float, Field(ge=0, le=1)] = 0.0
+    tenant_kv_shares: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_tenant_kv_shares(self) -> EngineConfig:
+        total = sum(self.tenant_kv_shares.values())
+        if total > 1:
+            raise ValueError(f"tenant_kv_shares: the fractions must sum to at most 1, got {total:g}")
+        return self
 
     def kv_shape(self, num_layers: int, num_kv_heads: int, head_dim: int) -> KVShape:
         """The per-token KV geometry of a model with these dimensions in this config's dtype."""

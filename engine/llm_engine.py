@@ -76,7 +76,13 @@ class LLMEngine:
         del state_dict
         self.kv_cache = allocate_kv_cache(layout, self.device, kv_allocator)
         self.tokenizer: Tokenizer = tokenizer or self._load_tokenizer(hf_model)
-        self.pool = BlockPool(layout.num_blocks, config.block_size)
+        self.pool = BlockPool(
+            layout.num_blocks,
+            config.block_size,
+            config.eviction_log_entries,
+            config.tenant_kv_share,
+            config.tenant_kv_shares,
+        )
         self.scheduler = Scheduler(self.scheduler_config, self.pool, config.enable_prefix_caching)
         self.runner = ModelRunner(
             self.model,
@@ -308,6 +314,7 @@ class LLMEngine:
             seq.num_cached_tokens,
             new_text,
             logits,
+            seq.prefix_miss,
         )
 
     # -- stats --------------------------------------------------------------------------------------

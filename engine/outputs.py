@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.eviction_log import PrefixMiss
+
 # The finish reason of a ``prefill_only`` request whose first token does not end it: its KV is pinned and
 # a decode engine continues it. Not an end of the request: a state of its own, never "length".
 PREFILLED = "prefilled"
@@ -29,6 +31,7 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     new_text: str | None = None  # filled when SamplingParams.detokenize or stop strings are set
     logits: list[torch.Tensor] | None = None  # one float32 [vocab] per new token when return_logits
+    prefix_miss: PrefixMiss | None = None  # the prompt's cache attribution (None before its admission)
 
     @property
     def is_prefilled(self) -> bool:

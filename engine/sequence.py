@@ -9,6 +9,7 @@ import torch
 
 from engine.block_hash import BlockHash
 from engine.detokenizer import StopStringChecker
+from engine.eviction_log import PrefixMiss
 from engine.sampling import SamplingParams
 
 
@@ -44,6 +45,7 @@ class Sequence:
     num_reported_tokens: int = 0  # output tokens already returned in a RequestOutput
     pending_logits: list[torch.Tensor] = field(default_factory=list)
     was_admitted: bool = False
+    prefix_miss: PrefixMiss | None = None  # at first admission: what of the reusable prefix was evicted
 
     @property
     def num_tokens(self) -> int:

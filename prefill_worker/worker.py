@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from kv_transfer.base import KVHandle, TransferEndpoint
 from worker_common.engine_loop import EngineLoop, layout_of
-from worker_common.messages import PrefillResult, WorkerRequest
+from worker_common.messages import CacheAttribution, PrefillResult, WorkerRequest
 from worker_common.protocols import WorkerEngine, WorkerTransport
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class PrefillWorker:
         self.transport = transport
         self.worker_id = worker_id
         self.lease_s = lease_s
+        self.block_size = block_size
         self.endpoint: TransferEndpoint = transport.register(
             engine.kv_cache, layout_of(engine, dtype, block_size)
         )
@@ -159,6 +160,7 @@ class PrefillWorker:
             queue_ms=(pending.added - pending.arrival) * 1e3,
             prefill_ms=(now - pending.added) * 1e3,
             first_text=output.new_text or "",
+            cache=CacheAttribution.from_miss(output.prefix_miss, self.block_size, self.worker_id),
         )
 
     def _unpin(self, engine: WorkerEngine, request_id: str) -> bool:

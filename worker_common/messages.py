@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from engine.eviction_log import PrefixMiss
     from engine.sampling import SamplingParams
     from kv_transfer.base import KVHandle
 
@@ -94,6 +95,24 @@ class CacheAttribution:
     def is_short(self) -> bool:
         """Fewer prompt tokens came from the cache than a full hit would have served."""
         return self.cached_tokens < self.cacheable_tokens
+
+    @classmethod
+    def from_miss(cls, miss: PrefixMiss | None, block_size: int, replica_id: str = "") -> CacheAttribution:
+        """The attribution of the engine's ``PrefixMiss`` (None: the request was never admitted)."""
+        if miss is None:
+            return cls(replica_id=replica_id)
+        cached, cacheable = miss.num_cached_blocks * block_size, miss.num_cacheable_blocks * block_size
+        cause = "" if cached >= cacheable else "evicted" if miss.is_evicted else "never_cached"
+        return cls(
+            cached_tokens=cached,
+            cacheable_tokens=cacheable,
+            cause=cause,
+            evicted_blocks=miss.num_evicted_blocks,
+            evicted_by=miss.evicted_by,
+            first_evicted_at=miss.first_evicted_at,
+            last_evicted_at=miss.last_evicted_at,
+            replica_id=replica_id,
+        )
 
     def with_route(self, route_reason: str) -> CacheAttribution:
         """This attribution with the ingress's route reason; a short hit after a ring walk is blamed on it."""
