@@ -30,7 +30,7 @@ lint: env
 	$(VENV)/bin/ruff check .
 
 test: env lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 unit: env
 	$(PY) -m pytest -q -m "not integration"

@@ -8,7 +8,9 @@ tests that agree on a config share one deployment.
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +46,7 @@ class ClusterHandle:
 
     def __init__(self) -> None:
         self.cluster: Any = None
+        self.deploys: list[tuple[str, float]] = []  # (test that asked, seconds): printed at the end
 
     def ensure(self, config: Any) -> Any:
         """A running ``EmbeddedCluster`` for ``config`` (its gRPC port is picked when it is 0)."""
@@ -51,9 +54,12 @@ class ClusterHandle:
 
         if self.cluster is not None and self.cluster.config == config:
             return self.cluster
+        started = time.perf_counter()
         if self.cluster is not None:
             self.cluster.delete_app()
         self.cluster = EmbeddedCluster(config).start()
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        self.deploys.append((test, time.perf_counter() - started))
         return self.cluster
 
     def close(self) -> None:
@@ -67,3 +73,16 @@ def pd_cluster(ray_session: None) -> Iterator[ClusterHandle]:
     handle = ClusterHandle()
     yield handle
     handle.close()
+    _DEPLOYS.extend(handle.deploys)
+
+
+_DEPLOYS: list[tuple[str, float]] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How often the session's cluster was (re)deployed and what it cost: the suite's budget is time."""
+    if _DEPLOYS:
+        total = sum(seconds for _, seconds in _DEPLOYS)
+        terminalreporter.write_sep("-", f"pd_cluster: {len(_DEPLOYS)} deployments, {total:.0f} s")
+        for test, seconds in _DEPLOYS:
+            terminalreporter.write_line(f"{seconds:6.1f} s  {test}")

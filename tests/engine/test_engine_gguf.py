@@ -8,7 +8,6 @@ here with ``gguf.GGUFWriter`` cover the architectures, the q/k permutation, dire
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +32,7 @@ from tests.engine.engine_helpers import (
     run_to_completion,
     tokens_of,
 )
+from tests.smollm2_reference import smollm2_hf_float32
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -53,12 +53,9 @@ ENGINE_FIELDS = {"kv_cache_bytes": 32 * 2**20, "max_num_batched_tokens": 1024, "
 # -- SmolLM2-135M-Instruct ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_hf():
-    """transformers' own GGUF loader on the installed file, float32: the exactness reference."""
-    from transformers import AutoModelForCausalLM
-
-    directory, name = os.path.split(smollm2_gguf_path())
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    return model.eval()
+    """transformers' own GGUF loader on the installed file, float32: the exactness reference (one
+    load per session, shared with the cluster tests: tests/smollm2_reference.py)."""
+    return smollm2_hf_float32()
 
 
 @pytest.fixture(scope="module")

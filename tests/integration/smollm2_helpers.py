@@ -4,7 +4,6 @@ once per test session whichever module asks first."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -72,12 +71,11 @@ def reference_chat_greedy() -> tuple[tuple[int, ...], ...]:
     """transformers ``generate`` of every ``CHAT_PROMPTS`` entry, greedy, ``NEW_TOKENS`` at most,
     stopping at EOS (``<|im_end|>``, the template's end of turn) as the engine does; float32."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    from engine.builtin import smollm2_gguf_path
+    from tests.smollm2_reference import smollm2_hf_float32
 
-    directory, name = os.path.split(smollm2_gguf_path())
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    model = smollm2_hf_float32()
     eos = smollm2_tokenizer().eos_token_id
     config = GenerationConfig(
         max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=eos
