@@ -17,6 +17,7 @@ from typing import Any
 import click
 import grpc
 
+from cluster.auth import check_exposure
 from cluster.cli_options import DEFAULT_SERVER, renamed_option
 from cluster.config import MODES, ConfigError, load_config
 
@@ -84,6 +85,7 @@ def serve(
         flags = {"engine.model": model, "engine.dtype": dtype, "mode": mode}
         flags |= {"grpc.host": host, "grpc.port": port, "http.port": http_port}
         config = load_config(config_path).override({k: v for k, v in flags.items() if v is not None})
+        check_exposure(config.auth, {"grpc.host": config.grpc.host, "http.host": config.http.host})
     except (ConfigError, ValueError, OSError) as error:
         click.echo(f"pdserve: invalid configuration: {error}", err=True)
         sys.exit(2)
@@ -206,9 +208,11 @@ def info(server: str) -> None:
 def _register_bench() -> None:
     from cluster.bench.cli import bench
     from cluster.chat_cli import chat
+    from cluster.keys_cli import keys
 
     main.add_command(bench)
     main.add_command(chat)
+    main.add_command(keys)
 
 
 _register_bench()

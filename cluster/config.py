@@ -31,8 +31,11 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from cluster.auth import AuthConfig
 from cluster.autoscaling import DecodePolicyConfig, PrefillPolicyConfig
 from cluster.config_errors import ConfigError, describe_validation_error
+from cluster.rate_limit import RateLimitConfig
+from cluster.tls import TlsConfig
 from cluster.tracing import TracingConfig
 from engine.builtin import BUILTIN_MODEL_ID, SMOLLM2_MODEL_ID, resolve_model_path
 from engine.config import STRICT_FROZEN, Device, DType, EngineConfig, Positive
@@ -171,6 +174,9 @@ class ClusterConfig(_Section):
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)  # OpenTelemetry; off by default
+    auth: AuthConfig = Field(default_factory=AuthConfig)  # API keys -> tenants (cluster/auth.py); off: none
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)  # per-tenant tokens/minute
+    tls: TlsConfig = Field(default_factory=TlsConfig)  # cert + key: gRPC and HTTP over TLS (cluster/tls.py)
 
     @model_validator(mode="after")
     def _check_and_derive(self) -> ClusterConfig:

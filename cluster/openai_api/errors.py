@@ -19,6 +19,8 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error"),  # OpenAI's type for a bad key
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
@@ -39,6 +41,7 @@ class ApiError(Exception):
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
+    retry_after_s: int | None = None  # Retry-After when known (tenant rate limits); else RETRY_AFTER_S
 
     def body(self) -> dict[str, Any]:
         """The JSON body: OpenAI's error object."""
@@ -46,6 +49,8 @@ class ApiError(Exception):
 
     def headers(self) -> dict[str, str]:
         """``Retry-After`` when the cluster sheds load."""
+        if self.retry_after_s is not None:
+            return {"Retry-After": str(self.retry_after_s)}
         return {"Retry-After": str(RETRY_AFTER_S)} if self.status in _SHED_LOAD else {}
 
 

@@ -14,13 +14,15 @@ import socket
 
 import uvicorn
 
+from cluster.tls import TlsConfig, uvicorn_ssl_options
+
 logger = logging.getLogger(__name__)
 
 
 class HttpServer:
     """One uvicorn server for an ASGI ``app`` on ``host:port`` (port 0: any free one)."""
 
-    def __init__(self, app: object, host: str, port: int) -> None:
+    def __init__(self, app: object, host: str, port: int, tls: TlsConfig | None = None) -> None:
         self.sock = _bind(host, port)
         self.host = host
         self.port = int(self.sock.getsockname()[1])
@@ -31,6 +33,7 @@ class HttpServer:
             log_config=None,  # the replica's logging stays as Ray set it up
             access_log=False,
             timeout_graceful_shutdown=1,
+            **uvicorn_ssl_options(tls),  # HTTPS when tls has a cert and key (cluster/tls.py)
         )
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
