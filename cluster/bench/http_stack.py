@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -127,31 +128,47 @@ async def _measure(port: int, concurrency: int, rounds: int) -> dict[str, float]
     }
 
 
+def _order(stacks: tuple[str, ...], repeats: int) -> list[str]:
+    """Each stack once per repeat, the order reversed every other repeat (A B, B A, A B, ...), so a load
+    change on the machine, or whoever runs second, does not favour one stack."""
+    return [stack for index in range(repeats) for stack in (stacks if index % 2 == 0 else stacks[::-1])]
+
+
+def _run_stack(stack: str, port: int, num_chunks: int, levels: tuple[int, ...], repeat: int) -> None:
+    import uvloop
+
+    command = [sys.executable, "-m", "cluster.bench.http_stack", "--serve", stack, "--port", str(port),
+               "--chunks", str(num_chunks)]
+    server = subprocess.Popen(command)
+    try:
+        time.sleep(3.0)
+        for concurrency in levels:
+            result = uvloop.run(_measure(port, concurrency, rounds=20 if concurrency == 1 else 3))
+            load = round(os.getloadavg()[0], 2)
+            click.echo(json.dumps({"stack": stack, "repeat": repeat, **result, "load_average_1m": load}))
+    finally:
+        server.terminate()
+        server.wait()
+
+
 @click.command()
 @click.option("--chunks", "num_chunks", default=256, show_default=True, help="SSE chunks per stream.")
 @click.option("--port", default=18101, show_default=True)
 @click.option("--stack", "stacks", type=click.Choice(sorted(SERVERS)), multiple=True,
               help="Stacks to measure, in this order (repeatable) [default: both, Starlette first].")
+@click.option("--streams", default="1,16,32", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--repeats", default=1, help="Rounds over the stacks (order reversed each round).")
 @click.option("--serve", "serve_stack", type=click.Choice(sorted(SERVERS)), default=None, hidden=True)
-def main(num_chunks: int, port: int, stacks: tuple[str, ...], serve_stack: str | None) -> None:
+def main(
+    num_chunks: int, port: int, stacks: tuple[str, ...], streams: str, repeats: int, serve_stack: str | None
+) -> None:
     """Measure SSE streaming on both stacks (see the module docstring)."""
     if serve_stack is not None:
         SERVERS[serve_stack](port, num_chunks)
         return
-    import uvloop
-
-    for stack in stacks or tuple(SERVERS):
-        command = [sys.executable, "-m", "cluster.bench.http_stack", "--serve", stack, "--port", str(port),
-                   "--chunks", str(num_chunks)]
-        server = subprocess.Popen(command)
-        try:
-            time.sleep(3.0)
-            for concurrency in (1, 16, 32):
-                result = uvloop.run(_measure(port, concurrency, rounds=20 if concurrency == 1 else 3))
-                click.echo(json.dumps({"stack": stack, **result}))
-        finally:
-            server.terminate()
-            server.wait()
+    levels = tuple(int(part) for part in streams.split(","))
+    for index, stack in enumerate(_order(stacks or tuple(SERVERS), repeats)):
+        _run_stack(stack, port, num_chunks, levels, repeat=index // len(stacks or SERVERS))
 
 
 if __name__ == "__main__":
