@@ -213,6 +213,14 @@ def _register_bench() -> None:
     main.add_command(bench)
     main.add_command(chat)
     main.add_command(keys)
+    from cluster.top import top
+
+    main.add_command(top)  # pdserve top: the per-tenant KV review, live (docs/observability.md)
+    from capacity.cli import plan_command
+    from capacity.simulate_cli import simulate
+
+    main.add_command(plan_command)  # pdserve plan (capacity/, docs/capacity.md)
+    main.add_command(simulate)
 
 
 _register_bench()

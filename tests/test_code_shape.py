@@ -22,6 +22,7 @@ PACKAGES = (
     "kv_transfer",
     "router",
     "cluster",
+    "capacity",
 )
 MAX_FUNCTION_LINES = 60
 
@@ -33,6 +34,10 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "worker_common": {"worker_common", "engine", "kv_transfer"},
     "prefill_worker": {"prefill_worker", "worker_common", "engine", "kv_transfer"},
     "decode_worker": {"decode_worker", "worker_common", "engine", "kv_transfer"},
+    # capacity drives the real router, scheduler rules and autoscaling policies (torch-free, Ray-free);
+    # only capacity.calibrate imports the engine (lazily) to time it
+    "capacity": {"capacity", "engine.kv_memory", "engine.scheduling_rules", "router", "cluster.autoscaling",
+                 "cluster.bench.workload", "engine.config", "engine.llm_engine", "engine.sampling"},
 }
 PROJECT = set(PACKAGES) | {"protos"}
 
