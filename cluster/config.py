@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from cluster.auth import AuthConfig
 from cluster.autoscaling import DecodePolicyConfig, PrefillPolicyConfig
 from cluster.config_errors import ConfigError, describe_validation_error
+from cluster.metrics import MetricsConfig
 from cluster.rate_limit import RateLimitConfig
 from cluster.tls import TlsConfig
 from cluster.tracing import TracingConfig
@@ -174,6 +175,7 @@ class ClusterConfig(_Section):
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)  # OpenTelemetry; off by default
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # Prometheus request series; on
     auth: AuthConfig = Field(default_factory=AuthConfig)  # API keys -> tenants (cluster/auth.py); off: none
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)  # per-tenant tokens/minute
     tls: TlsConfig = Field(default_factory=TlsConfig)  # cert + key: gRPC and HTTP over TLS (cluster/tls.py)

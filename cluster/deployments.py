@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from cluster.config import ClusterConfig, config_from_dict
 from cluster.stats import ReplicaLoad
+from cluster.tracing import NULL_TRACER, make_tracer
 from worker_common.messages import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class _WorkerDeployment:
 
     replica_id: str
     worker: Any
+    tracer: Any = NULL_TRACER  # cluster.tracing: this replica's spans (make_tracer; a no-op when off)
 
     async def replica_stats(self, target_replica_id: str | None = None) -> ReplicaLoad:
         return self._load()
@@ -83,6 +85,7 @@ class _WorkerDeployment:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.close()
+        self.tracer.shutdown()  # flush the spans still buffered
 
 
 class PrefillDeployment(_WorkerDeployment):
@@ -96,12 +99,13 @@ class PrefillDeployment(_WorkerDeployment):
         self.replica_id = _replica_id()
         transport = make_transport(transport_config_for_replica(config), self.replica_id)
         engine = _build_engine(config, "prefill", transport)
+        self.tracer = make_tracer(config.tracing, "prefill", self.replica_id)
         self.worker = PrefillWorker(
             engine, transport, self.replica_id, engine.config.dtype, engine.config.block_size, config.lease_s
         )
 
     async def prefill(self, request: WorkerRequest, target_replica_id: str | None = None) -> PrefillResult:
-        return await self.worker.prefill(request)
+        return await self.tracer.prefill(request, self.worker.prefill(request))
 
     async def release(self, request_id: str, target_replica_id: str | None = None) -> bool:
         return await self.worker.release(request_id)
@@ -135,6 +139,7 @@ class DecodeDeployment(_WorkerDeployment):
             else make_transport(transport_config_for_replica(config), self.replica_id)
         )
         engine = _build_engine(config, "decode", transport)
+        self.tracer = make_tracer(config.tracing, "decode", self.replica_id)
         self.worker = DecodeWorker(
             engine,
             transport,
@@ -151,7 +156,7 @@ class DecodeDeployment(_WorkerDeployment):
     async def generate(
         self, work: DecodeRequest, target_replica_id: str | None = None
     ) -> AsyncIterator[DecodeChunk]:
-        async for chunk in self.worker.generate(work):
+        async for chunk in self.tracer.decode(work, self.worker.generate(work)):
             yield chunk
 
     def _worker_counts(self) -> dict[str, int]:

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import BaseModel
 
 from cluster.stats import ReplicaLoad
+from engine.config import STRICT_FROZEN
 from protos import pdserve_pb2 as pb
 
-__all__ = ["IngressMetrics", "PoolLoads", "RequestFacts", "route_decisions"]
+__all__ = ["IngressMetrics", "MetricsConfig", "PoolLoads", "RequestFacts", "route_decisions"]
 
 PREFIX = "pdserve:"
 
@@ -48,6 +50,16 @@ FINISH_REASON_NAMES = {
 }
 
 PoolLoads = Sequence[tuple[str, Sequence[ReplicaLoad]]]  # (pool name, its replicas' loads)
+
+
+class MetricsConfig(BaseModel):
+    """The ``metrics:`` section. ``enabled: false`` stops recording the per-request series (they stay at
+    0); ``/metrics`` still answers, with the replica gauges read at scrape time. For overhead runs
+    (``cluster.bench.overhead``) and operators who scrape nothing."""
+
+    model_config = STRICT_FROZEN
+
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,8 @@ def _counter(registry: CollectorRegistry, name: str, doc: str, labels: Sequence[
 class IngressMetrics:
     """The registry of one ingress replica and the request metrics recorded into it."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: MetricsConfig | None = None) -> None:
+        self.is_enabled = (config or MetricsConfig()).enabled
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = _histogram(r, "time_to_first_token_seconds", "Arrival to first token sent", TTFT_BUCKETS)
@@ -124,6 +137,8 @@ class IngressMetrics:
 
     def record(self, final: pb.GenerateResponse, facts: RequestFacts) -> None:
         """A finished request, from its final response (usage, timings, route) and the other facts."""
+        if not self.is_enabled:
+            return
         timings, usage = final.timings, final.usage
         self.ttft.observe(timings.ttft_ms / 1e3)
         self.e2e.observe(timings.e2e_ms / 1e3)

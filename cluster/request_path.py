@@ -27,6 +27,7 @@ from cluster.metrics import IngressMetrics, RequestFacts
 from cluster.model_info import ModelInfo
 from cluster.replica_directory import REPLICA_DIRECTORY, ReplicaView
 from cluster.route_policy import RoutePolicy
+from cluster.tracing import NULL_SPAN, TraceParent, make_tracer
 from cluster.validation import ValidRequest
 from kv_transfer.base import KVHandle
 from protos import pdserve_pb2 as pb
@@ -64,6 +65,7 @@ class _Trace:
     kv_transfer_bytes: int = 0  # blocks handed to decode x block bytes
     has_prefill_phase: bool = False
     has_kv_transfer: bool = False
+    span: Any = NULL_SPAN  # cluster.tracing.RequestSpan: the ingress span (a no-op object when off)
 
 
 class RequestPath:
@@ -76,15 +78,21 @@ class RequestPath:
         self.decode = decode  # DeploymentHandle of DecodeDeployment
         self.decode_stream = decode.options(stream=True)
         self.policy = RoutePolicy(config.router)
-        self.metrics = IngressMetrics()  # recorded in _finish; served on the HTTP API's /metrics
+        self.metrics = IngressMetrics(config.metrics)  # recorded in _finish; served on HTTP /metrics
+        self.tracer = make_tracer(config.tracing, "ingress", model=model.name)  # NULL_TRACER when off
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget notices kept alive here
 
-    async def generate(self, request: ValidRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Yield the responses of one validated request (the last one carries usage and timings)."""
+    async def generate(
+        self, request: ValidRequest, parent: TraceParent | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Yield the responses of one validated request (the last one carries usage and timings);
+        ``parent``: the caller's trace headers (``cluster.tracing.grpc_parent`` / ``http_parent``)."""
         trace = _Trace()
         internal_id = f"{request.request_id}#{uuid.uuid4().hex[:8]}"  # unique in the engines
+        trace.span = self.tracer.start_request(request, parent, internal_id)
         work = WorkerRequest(
-            internal_id, request.prompt_token_ids, request.sampling, request.tenant, time.time()
+            internal_id, request.prompt_token_ids, request.sampling, request.tenant, time.time(),
+            trace.span.context,
         )
         source: Any
         if self.config.is_colocated:
@@ -96,6 +104,7 @@ class RequestPath:
                 yield response
         finally:
             await source.aclose()  # runs the path's cleanup now, even when we were cancelled at a yield
+            trace.span.end()  # no-op after _finish; else the span ends as failed or cancelled
 
     async def _responses(
         self,
@@ -126,6 +135,7 @@ class RequestPath:
         prefill_views = await self._replicas(PREFILL_DEPLOYMENT, self.prefill)
         decode_views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
         choice = self.policy.choose_prefill(work.prompt_token_ids, work.tenant, prefill_views, decode_views)
+        trace.span.routed("prefill", choice.replica_id, choice.reason)
         result: PrefillResult | None = None
         is_released = False
         try:
@@ -169,6 +179,7 @@ class RequestPath:
         expected_blocks = -(-len(work.prompt_token_ids) // self.config.engine.block_size)
         choice = self.policy.choose_decode(expected_blocks, decode_views)
         trace.route.reason = f"colocated={choice.reason}"
+        trace.span.routed("colocated", choice.replica_id, choice.reason)
         stream = self.decode_stream.generate.remote(
             DecodeRequest(work, None, None), target_replica_id=choice.replica_id
         )
@@ -256,6 +267,7 @@ class RequestPath:
             tuple(trace.message_gaps), trace.kv_transfer_bytes, trace.has_prefill_phase, trace.has_kv_transfer
         )
         self.metrics.record(response, facts)
+        trace.span.finish(response)
 
 
 def _handle_bytes(handle: KVHandle) -> int:

@@ -27,6 +27,7 @@ from ray.serve.exceptions import (
 from cluster.replica_directory import REPLICA_DIRECTORY
 from cluster.request_path import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT, RequestPath
 from cluster.stats import ReplicaLoad
+from cluster.tracing import grpc_parent
 from cluster.validation import RequestError, WireParseFailure, parse_generate_request, validate
 from engine.block_pool import OutOfBlocksError
 from protos import pdserve_pb2 as pb
@@ -96,7 +97,8 @@ class PDServeServicer:
             request = validate(wire, tokenizer.encode, self.path.model.limits, tokenizer.encode_chat)
         except RequestError as error:
             await context.abort(error.code, error.message)
-        stream = self.path.generate(request)
+        parent = grpc_parent(self.path.tracer, context, wire)  # W3C traceparent in the metadata
+        stream = self.path.generate(request, parent)
         try:
             async with asyncio.timeout(self.path.config.request_timeout_s):
                 async for response in stream:

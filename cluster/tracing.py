@@ -51,6 +51,8 @@ __all__ = [
     "Tracer",
     "TracingConfig",
     "cache_attributes",
+    "grpc_parent",
+    "http_parent",
     "make_tracer",
 ]
 
@@ -99,13 +101,29 @@ def cache_attributes(attribution: Any) -> dict[str, AttributeValue]:
     return attributes
 
 
+def grpc_parent(tracer: Tracer | _NullTracer, context: Any, wire: Any) -> TraceParent | None:
+    """The trace parent of a gRPC ``Generate`` call: its metadata's ``traceparent`` / ``tracestate`` and
+    its operation ("chat" for a ``messages`` prompt); None, without reading anything, when tracing is off."""
+    if not tracer.is_enabled:
+        return None
+    operation = "chat" if wire.WhichOneof("prompt") == "messages" else "text_completion"
+    return tracer.parent_from(context.invocation_metadata(), operation)
+
+
+def http_parent(tracer: Tracer | _NullTracer, headers: Any, is_chat: bool) -> TraceParent | None:
+    """The trace parent of an HTTP request (its headers); None when tracing is off."""
+    if not tracer.is_enabled:
+        return None
+    return tracer.parent_from(headers.items(), "chat" if is_chat else "text_completion")
+
+
 # ---- off: null objects -------------------------------------------------------------------------
 
 
 class _NullSpan:
     """The ingress span of a request when tracing is off: every method does nothing."""
 
-    context: Mapping[str, str] = {}
+    context: dict[str, str] = {}  # noqa: RUF012  (never written: WorkerRequest.trace_context stays empty)
 
     def routed(self, stage: str, replica_id: str, reason: str) -> None:
         pass
@@ -299,7 +317,7 @@ class Tracer:
                 yield chunk
         finally:
             await stream.aclose()  # the worker's own clean-up (abort on its engine) runs now
-            self._decode_spans(work, record, time.time_ns())
+            self._decode_spans(work, record, record.finished_ns or time.time_ns())
 
     def _decode_spans(self, work: DecodeRequest, record: _DecodeRecord, end_ns: int) -> None:
         parent = self.extract(work.request.trace_context)
@@ -345,14 +363,15 @@ class _DecodeRecord:
     report_ns: int = 0
     num_tokens: int = 0
     finish_reason: str | None = None
+    finished_ns: int = 0
 
     def add(self, chunk: DecodeChunk) -> None:
         if chunk.is_transfer_report:
             self.report, self.report_ns = chunk, time.time_ns()
             return
         self.num_tokens += len(chunk.token_ids)
-        if chunk.finished:
-            self.finish_reason = chunk.finish_reason or "length"
+        if chunk.finished:  # the span ends here, before the ingress can see the chunk
+            self.finish_reason, self.finished_ns = chunk.finish_reason or "length", time.time_ns()
 
 
 class RequestSpan:
@@ -385,7 +404,7 @@ class RequestSpan:
         caller = tracer.extract(parent.carrier)
         self.span = tracer.span(name, caller, self.start_ns, attributes, SpanKind.SERVER)
         self.route = tracer.span("pdserve.route", self._context(), self.start_ns, {})
-        self.context: Mapping[str, str] = tracer.inject(self.span)  # goes in WorkerRequest.trace_context
+        self.context: dict[str, str] = tracer.inject(self.span)  # goes in WorkerRequest.trace_context
 
     def _context(self) -> Any:
         from opentelemetry.trace import set_span_in_context

@@ -39,6 +39,7 @@ from cluster.openai_api.protocol import (
 from cluster.openai_api.responses import DONE_EVENT, ResponseBuilder, sse_event
 from cluster.request_path import RequestPath
 from cluster.servicer import status_for
+from cluster.tracing import http_parent
 from protos import pdserve_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ class OpenAIApp:
             builder = ResponseBuilder(
                 request_id, self.path.model.name, is_chat, body.include_usage, body.return_token_ids
             )
-            stream = self.path.generate(valid)
+            parent = http_parent(self.path.tracer, request.headers, is_chat)  # W3C traceparent header
+            stream = self.path.generate(valid, parent)
             if body.stream:
                 return await self._stream(request, endpoint, stream, builder)
             return await self._complete(request, endpoint, stream, builder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.metrics import IngressMetrics, RequestFacts, route_decisions
+from cluster.metrics import IngressMetrics, MetricsConfig, RequestFacts, route_decisions
 from cluster.openai_api.metrics import HttpMetrics
 from cluster.stats import ReplicaLoad
 from protos import pdserve_pb2 as pb
@@ -73,6 +73,15 @@ def test_record_fills_histograms_and_counters() -> None:
     assert s[("pdserve:router_decisions_total", (("reason", "least_loaded"), ("stage", "colocated")))] == 1
     assert s[("pdserve:kv_transfer_bytes_total", (("transport", "nixl"),))] == 4096
     assert s[("pdserve:kv_recomputes_total", ())] == 0
+
+
+def test_disabled_metrics_record_nothing_but_still_render() -> None:
+    metrics = IngressMetrics(MetricsConfig(enabled=False))
+    metrics.record(_final(), RequestFacts(((0.02, 2),), 4096, True, True))
+    s = _samples(metrics)
+    assert s[("pdserve:time_to_first_token_seconds_count", ())] == 0
+    assert s[("pdserve:generation_tokens_total", ())] == 0
+    assert ("pdserve:pool_replicas", ()) not in s  # no pools given yet; the gauges render once they are
 
 
 def test_a_recompute_counts_no_transfer_bytes() -> None:

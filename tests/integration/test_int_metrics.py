@@ -6,13 +6,23 @@ the TTFT and E2E histogram counts grow by the requests sent; the token counters 
 received, summed; every replica has the Gateway API Inference Extension's gauges, and once the cluster
 is idle the KV gauges equal ClusterInfo's numbers. Deltas against a scrape taken first: the cluster may
 be the one an earlier module of the session started (same config) and already counted requests.
+
+A real Prometheus (Debian's 2.42 binary, unpacked into .venv by ``make env``) scrapes the ingress's
+``/metrics`` every second; its HTTP API then answers for the series with the counts and token sums the
+clients saw. Without the binary that test FAILS with the reason (it is part of the acceptance).
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import json
+import subprocess
+import time
+import urllib.parse
+import urllib.request
 from collections import defaultdict
+from pathlib import Path
 
 import openai
 import pytest
@@ -20,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.builtin import BUILTIN_MODEL_ID
 from protos import pdserve_pb2 as pb
+from tests.conftest import free_port
 from tests.integration.int_helpers import cluster_config, cluster_info, run_many, wait_until_no_blocks_held
 
 pytestmark = pytest.mark.integration
@@ -123,3 +134,76 @@ def test_replica_gauges_match_cluster_info_when_idle(cluster) -> None:
             assert _total(samples, "pdserve:kv_blocks_cached", **labels) == replica.kv_blocks_cached
             assert _total(samples, "pdserve:kv_blocks_free", **labels) == replica.kv_blocks_free
             assert _total(samples, "pdserve:kv_blocks_total", **labels) == replica.kv_blocks_total
+
+
+PROMETHEUS = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "prometheus"
+
+
+def _prometheus_query(address: str, query: str) -> list[dict]:
+    url = f"http://{address}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def _prometheus_value(address: str, query: str) -> float | None:
+    result = _prometheus_query(address, query)
+    return float(result[0]["value"][1]) if result else None
+
+
+def _poll(address: str, query: str, done, timeout_s: float) -> float | None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = _prometheus_value(address, query)
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.25)
+
+
+def _start_prometheus(tmp_path: Path, target: str) -> tuple[subprocess.Popen, str]:
+    if not PROMETHEUS.is_file():
+        pytest.fail(
+            f"no Prometheus at {PROMETHEUS}: `make env` installs Debian's prometheus package there "
+            "(apt-get download prometheus + dpkg -x; apt-get update first when the lists are empty)"
+        )
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"scrape_configs:\n  - job_name: pdserve\n    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    address = f"127.0.0.1:{free_port()}"
+    log = (tmp_path / "prometheus.log").open("w")
+    server = subprocess.Popen(
+        [str(PROMETHEUS), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address={address}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    return server, address
+
+
+def test_a_real_prometheus_scrapes_the_ingress(cluster, tmp_path: Path) -> None:
+    server, address = _start_prometheus(tmp_path, cluster.http_address)
+    try:
+        up = _poll(address, 'up{job="pdserve"}', lambda value: value == 1.0, timeout_s=30.0)
+        assert up == 1.0, (tmp_path / "prometheus.log").read_text()
+        tokens = "sum(pdserve:generation_tokens_total)"
+        ttft_count = "sum(pdserve:time_to_first_token_seconds_count)"
+        before_tokens = _prometheus_value(address, tokens)
+        before_count = _prometheus_value(address, ttft_count)
+        requests = []
+        for _ in range(2):
+            request = pb.GenerateRequest(max_tokens=NUM_NEW, ignore_eos=True)
+            request.token_ids.ids.extend(PROMPT)
+            requests.append(request)
+        results = asyncio.run(run_many(cluster.grpc_address, requests))
+        received = sum(result.last.usage.completion_tokens for result in results if result.last is not None)
+        assert received == 2 * NUM_NEW
+        want_tokens, want_count = (before_tokens or 0.0) + received, (before_count or 0.0) + 2
+        assert _poll(address, tokens, lambda value: value == want_tokens, timeout_s=15.0) == want_tokens
+        assert _poll(address, ttft_count, lambda value: value == want_count, timeout_s=15.0) == want_count
+        gauges = _prometheus_query(address, "vllm:num_requests_waiting")
+        assert {series["metric"]["pool"] for series in gauges} == {"prefill", "decode"}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
