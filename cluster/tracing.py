@@ -117,6 +117,25 @@ def http_parent(tracer: Tracer | _NullTracer, headers: Any, is_chat: bool) -> Tr
     return tracer.parent_from(headers.items(), "chat" if is_chat else "text_completion")
 
 
+def message_attributes(message: Any, prefix: str) -> dict[str, AttributeValue]:
+    """A protobuf message's fields (the final response's ``cache``) as ``prefix + name`` attributes;
+    repeated sub-messages as "a=b" strings of their fields' values (``evicted_by``: "tenant=blocks")."""
+    if message is None or not hasattr(message, "DESCRIPTOR"):
+        return {}
+    attributes: dict[str, AttributeValue] = {}
+    for item in message.DESCRIPTOR.fields:
+        value = getattr(message, item.name)
+        if isinstance(value, (str, bool, int, float)):
+            attributes[prefix + item.name] = value
+        elif not hasattr(value, "DESCRIPTOR"):  # repeated: scalars or messages
+            attributes[prefix + item.name] = tuple(
+                "=".join(str(getattr(v, f.name)) for f in v.DESCRIPTOR.fields) if hasattr(v, "DESCRIPTOR")
+                else str(v)
+                for v in value
+            )
+    return attributes
+
+
 # ---- off: null objects -------------------------------------------------------------------------
 
 
@@ -445,6 +464,7 @@ class RequestSpan:
             "pdserve.mean_tpot_ms": timings.mean_tpot_ms,
             "pdserve.e2e_ms": timings.e2e_ms,
         })
+        self.span.set_attributes(message_attributes(getattr(response, "cache", None), "pdserve.cache."))
         self.span.add_event("pdserve.first_token", timestamp=self.start_ns + int(timings.ttft_ms * 1e6))
         self._end()
 
