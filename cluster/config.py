@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from cluster.attribution import AttributionConfig
 from cluster.auth import AuthConfig
 from cluster.autoscaling import DecodePolicyConfig, PrefillPolicyConfig
 from cluster.config_errors import ConfigError, describe_validation_error
@@ -175,6 +176,7 @@ class ClusterConfig(_Section):
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)  # OpenTelemetry; off by default
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)  # hit-rate warning
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # Prometheus request series; on
     auth: AuthConfig = Field(default_factory=AuthConfig)  # API keys -> tenants (cluster/auth.py); off: none
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)  # per-tenant tokens/minute

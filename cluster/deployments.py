@@ -15,10 +15,12 @@ directly, e.g. by ``ClusterInfo``), ``record_routing_stats`` (read by the ingres
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+from cluster.attribution import tenant_loads
 from cluster.config import ClusterConfig, config_from_dict
 from cluster.stats import ReplicaLoad
 from cluster.tracing import NULL_TRACER, make_tracer
@@ -65,7 +67,8 @@ class _WorkerDeployment:
     tracer: Any = NULL_TRACER  # cluster.tracing: this replica's spans (make_tracer; a no-op when off)
 
     async def replica_stats(self, target_replica_id: str | None = None) -> ReplicaLoad:
-        return self._load()
+        """Fresh stats, with the per-tenant KV review (cluster.attribution; the routing copy has none)."""
+        return dataclasses.replace(self._load(), tenants=await tenant_loads(self.worker))
 
     def _load(self) -> ReplicaLoad:
         return ReplicaLoad.from_engine(self.replica_id, self.worker.stats(), **self._worker_counts())

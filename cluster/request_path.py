@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.attribution import CacheAttributionRecorder
 from cluster.config import ClusterConfig
 from cluster.metrics import IngressMetrics, RequestFacts
 from cluster.model_info import ModelInfo
@@ -31,7 +32,7 @@ from cluster.tracing import NULL_SPAN, TraceParent, make_tracer
 from cluster.validation import ValidRequest
 from kv_transfer.base import KVHandle
 from protos import pdserve_pb2 as pb
-from worker_common.messages import DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
+from worker_common.messages import CacheAttribution, DecodeChunk, DecodeRequest, PrefillResult, WorkerRequest
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class _Trace:
     has_prefill_phase: bool = False
     has_kv_transfer: bool = False
     span: Any = NULL_SPAN  # cluster.tracing.RequestSpan: the ingress span (a no-op object when off)
+    cache: CacheAttribution | None = None  # the prefill's cache attribution with the route (disaggregated)
 
 
 class RequestPath:
@@ -79,6 +81,7 @@ class RequestPath:
         self.decode_stream = decode.options(stream=True)
         self.policy = RoutePolicy(config.router)
         self.metrics = IngressMetrics(config.metrics)  # recorded in _finish; served on HTTP /metrics
+        self.attribution = CacheAttributionRecorder(config.attribution, self.metrics.registry)
         self.tracer = make_tracer(config.tracing, "ingress", model=model.name)  # NULL_TRACER when off
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget notices kept alive here
 
@@ -143,6 +146,7 @@ class RequestPath:
             trace.prefill_ms = result.prefill_ms
             trace.queue_ms = (time.perf_counter() - trace.arrival) * 1e3 - result.prefill_ms
             trace.num_cached_tokens = result.num_cached_tokens
+            trace.cache = result.cache.with_route(choice.reason)
             trace.route.prefill_replica = result.replica_id
             trace.route.reason = f"prefill={choice.reason}"
             trace.has_prefill_phase = True
@@ -266,6 +270,7 @@ class RequestPath:
         facts = RequestFacts(
             tuple(trace.message_gaps), trace.kv_transfer_bytes, trace.has_prefill_phase, trace.has_kv_transfer
         )
+        self.attribution.record(response, trace.cache)  # response.cache, attribution metrics, hit-rate check
         self.metrics.record(response, facts)
         trace.span.finish(response)
 

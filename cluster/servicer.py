@@ -24,6 +24,7 @@ from ray.serve.exceptions import (
     gRPCStatusError,
 )
 
+from cluster.attribution import tenant_kv_infos
 from cluster.replica_directory import REPLICA_DIRECTORY
 from cluster.request_path import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT, RequestPath
 from cluster.stats import ReplicaLoad
@@ -130,6 +131,7 @@ class PDServeServicer:
             pool = response.pools.add(name=name)
             for load in loads:
                 pool.replicas.add(**{key: getattr(load, key) for key in _REPLICA_FIELDS})
+            pool.tenants.extend(tenant_kv_infos(loads))  # the per-tenant KV review (cluster.attribution)
         return response
 
     async def pools_ready(self) -> bool:

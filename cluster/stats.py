@@ -17,10 +17,28 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from engine.outputs import EngineStats
+
+
+class TenantLoad(NamedTuple):
+    """One tenant on one replica (the per-tenant KV review; ``engine.tenant_stats.TenantStats`` plus what
+    the worker knows). A NamedTuple, so the routing dict's ``dataclasses.asdict`` keeps it as it is."""
+
+    tenant: str
+    active_requests: int
+    active_tokens: int  # summed over its active requests
+    max_active_tokens: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_bytes_used: int
+    kv_bytes_cached: int
+    allocation_failures: int  # since start
+    orphaned_requests: int  # client gone (or lease expired) while its blocks are still held
+    evicted_blocks: int  # its cached blocks evicted, since start
+    kv_share_blocks: int  # guaranteed to it in eviction
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,9 @@ class ReplicaLoad:
     recomputed_requests: int = 0  # decode: pulls that failed and were recomputed here
     # (victim tenant, causing tenant, cached blocks evicted) since start, sorted; the engine's evictions
     evictions: tuple[tuple[str, str, int], ...] = ()
+    # per tenant, sorted; filled by the fresh ``replica_stats`` call only (cluster.attribution), empty in
+    # the routing copy, which stays small
+    tenants: tuple[TenantLoad, ...] = ()
 
     @classmethod
     def from_engine(cls, replica_id: str, stats: EngineStats, **worker_counts: int) -> ReplicaLoad:

@@ -104,6 +104,11 @@ class DecodeWorker:
             if not is_finished:  # cancelled or failed: abort frees running blocks and reserved ones alike
                 self.engine_loop.call(lambda engine: engine.abort_request(request_id))
 
+    def live_request_ids(self) -> set[str]:
+        """Requests whose client stream is open (any thread: copied whole; the KV review's orphans are the
+        requests the engine still holds without one)."""
+        return set(self._streams)
+
     def stats(self) -> EngineStats:
         """The latest ``EngineStats`` snapshot (refreshed by the engine loop)."""
         return self.engine_loop.stats

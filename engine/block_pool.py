@@ -107,6 +107,10 @@ class BlockPool:
         """Blocks ``tenant`` is guaranteed in eviction (its share of ``num_blocks``, rounded down)."""
         return self._shares.get(tenant, self._default_share)
 
+    def owner_of(self, block_id: int) -> str:
+        """The tenant a non-free block belongs to (its allocator, or the registrar of its hash)."""
+        return self._tenants[block_id]
+
     def num_cached_blocks_of(self, tenant: str) -> int:
         """``tenant``'s unreferenced cached blocks."""
         return len(self._evictable_of.get(tenant, ()))

@@ -30,6 +30,7 @@ from engine.sampler import Sampler
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.tenant_stats import TenantStats, collect_tenant_stats
 from engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -318,6 +319,18 @@ class LLMEngine:
         )
 
     # -- stats --------------------------------------------------------------------------------------
+    def tenant_stats(self) -> tuple[TenantStats, ...]:
+        """Per tenant: active requests and their tokens, blocks, refused allocations, evictions (a query,
+        O(requests): for on-demand reviews, not every step)."""
+        active: dict[str, list[tuple[str, int]]] = {}
+        for seq in self._requests.values():
+            active.setdefault(seq.tenant, []).append((seq.request_id, seq.num_tokens))
+        for held in (self._pinned, self._allocated):
+            for request_id, block_ids in held.items():
+                tenant = self.pool.owner_of(block_ids[0]) if block_ids else ""
+                active.setdefault(tenant, []).append((request_id, len(block_ids) * self.pool.block_size))
+        return collect_tenant_stats(self.pool, active)
+
     def stats(self) -> EngineStats:
         """A snapshot of blocks, queues, token totals and evictions."""
         pool = self.pool

@@ -116,6 +116,12 @@ class PrefillWorker:
         """The latest ``EngineStats`` snapshot (refreshed by the engine loop)."""
         return self.engine_loop.stats
 
+    def live_request_ids(self) -> set[str]:
+        """Requests with a live caller: a prefill awaited, or pinned KV whose lease has not expired (from
+        any thread: each dict is copied whole, atomic under the GIL). The KV review's orphans: the rest."""
+        now = time.time()
+        return set(self._pending) | {rid for rid, expires in dict(self._leases).items() if expires > now}
+
     @property
     def num_pinned(self) -> int:
         return len(self._leases)

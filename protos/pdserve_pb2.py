@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/pdserve.proto\x12\npdserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\xfb\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\r \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x11\n\ttenant_id\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"~\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x14\n\x0cmean_tpot_ms\x18\x05 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x06 \x01(\x01\"b\n\tRouteInfo\x12\x17\n\x0fprefill_replica\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0ckv_transport\x18\x04 \x01(\t\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12$\n\x05route\x18\x07 \x01(\x0b\x32\x15.pdserve.v1.RouteInfo\"\x0f\n\rHealthRequest\"\x92\x01\n\x0eHealthResponse\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.pdserve.v1.HealthResponse.Status\x12\r\n\x05model\x18\x02 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x14\n\x12\x43lusterInfoRequest\"\xef\x01\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\t \x01(\x01\"C\n\x08PoolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x08replicas\x18\x02 \x03(\x0b\x32\x17.pdserve.v1.ReplicaInfo\"\x8a\x01\n\x13\x43lusterInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x15\n\rrouter_policy\x18\x04 \x01(\t\x12#\n\x05pools\x18\x05 \x03(\x0b\x32\x14.pdserve.v1.PoolInfo*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xe3\x01\n\x07PDServe\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12N\n\x0b\x43lusterInfo\x12\x1e.pdserve.v1.ClusterInfoRequest\x1a\x1f.pdserve.v1.ClusterInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/pdserve.proto\x12\npdserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\xfb\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\r \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x11\n\ttenant_id\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"~\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x14\n\x0cmean_tpot_ms\x18\x05 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x06 \x01(\x01\"b\n\tRouteInfo\x12\x17\n\x0fprefill_replica\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0ckv_transport\x18\x04 \x01(\t\"\x93\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12$\n\x05route\x18\x07 \x01(\x0b\x32\x15.pdserve.v1.RouteInfo\x12+\n\x05\x63\x61\x63he\x18\x08 \x01(\x0b\x32\x1c.pdserve.v1.CacheAttribution\"\xf4\x01\n\x10\x43\x61\x63heAttribution\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\x12\x18\n\x10\x63\x61\x63heable_tokens\x18\x02 \x01(\r\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\x12\x16\n\x0e\x65victed_blocks\x18\x04 \x01(\r\x12.\n\nevicted_by\x18\x05 \x03(\x0b\x32\x1a.pdserve.v1.EvictionSource\x12\x18\n\x10\x66irst_evicted_at\x18\x06 \x01(\x01\x12\x17\n\x0flast_evicted_at\x18\x07 \x01(\x01\x12\x14\n\x0croute_reason\x18\x08 \x01(\t\x12\x0f\n\x07replica\x18\t \x01(\t\"0\n\x0e\x45victionSource\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"\x0f\n\rHealthRequest\"\x92\x01\n\x0eHealthResponse\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.pdserve.v1.HealthResponse.Status\x12\r\n\x05model\x18\x02 \x01(\t\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x14\n\x12\x43lusterInfoRequest\"\xef\x01\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\t \x01(\x01\"n\n\x08PoolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x08replicas\x18\x02 \x03(\x0b\x32\x17.pdserve.v1.ReplicaInfo\x12)\n\x07tenants\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TenantKVInfo\"\xb9\x02\n\x0cTenantKVInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x02 \x01(\r\x12\x1a\n\x12mean_active_tokens\x18\x03 \x01(\x01\x12\x19\n\x11max_active_tokens\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x06 \x01(\r\x12\x15\n\rkv_bytes_used\x18\x07 \x01(\x04\x12\x17\n\x0fkv_bytes_cached\x18\x08 \x01(\x04\x12\x1b\n\x13\x61llocation_failures\x18\t \x01(\x04\x12\x19\n\x11orphaned_requests\x18\n \x01(\r\x12\x16\n\x0e\x65victed_blocks\x18\x0b \x01(\x04\x12\x17\n\x0fkv_share_blocks\x18\x0c \x01(\r\"\x8a\x01\n\x13\x43lusterInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x15\n\rrouter_policy\x18\x04 \x01(\t\x12#\n\x05pools\x18\x05 \x03(\x0b\x32\x14.pdserve.v1.PoolInfo*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xe3\x01\n\x07PDServe\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12N\n\x0b\x43lusterInfo\x12\x1e.pdserve.v1.ClusterInfoRequest\x1a\x1f.pdserve.v1.ClusterInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1732
-  _globals['_FINISHREASON']._serialized_end=1877
+  _globals['_FINISHREASON']._serialized_start=2433
+  _globals['_FINISHREASON']._serialized_end=2578
   _globals['_TOKENIDS']._serialized_start=36
   _globals['_TOKENIDS']._serialized_end=59
   _globals['_CHATMESSAGE']._serialized_start=61
@@ -48,21 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEINFO']._serialized_start=758
   _globals['_ROUTEINFO']._serialized_end=856
   _globals['_GENERATERESPONSE']._serialized_start=859
-  _globals['_GENERATERESPONSE']._serialized_end=1089
-  _globals['_HEALTHREQUEST']._serialized_start=1091
-  _globals['_HEALTHREQUEST']._serialized_end=1106
-  _globals['_HEALTHRESPONSE']._serialized_start=1109
-  _globals['_HEALTHRESPONSE']._serialized_end=1255
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1193
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1255
-  _globals['_CLUSTERINFOREQUEST']._serialized_start=1257
-  _globals['_CLUSTERINFOREQUEST']._serialized_end=1277
-  _globals['_REPLICAINFO']._serialized_start=1280
-  _globals['_REPLICAINFO']._serialized_end=1519
-  _globals['_POOLINFO']._serialized_start=1521
-  _globals['_POOLINFO']._serialized_end=1588
-  _globals['_CLUSTERINFORESPONSE']._serialized_start=1591
-  _globals['_CLUSTERINFORESPONSE']._serialized_end=1729
-  _globals['_PDSERVE']._serialized_start=1880
-  _globals['_PDSERVE']._serialized_end=2107
+  _globals['_GENERATERESPONSE']._serialized_end=1134
+  _globals['_CACHEATTRIBUTION']._serialized_start=1137
+  _globals['_CACHEATTRIBUTION']._serialized_end=1381
+  _globals['_EVICTIONSOURCE']._serialized_start=1383
+  _globals['_EVICTIONSOURCE']._serialized_end=1431
+  _globals['_HEALTHREQUEST']._serialized_start=1433
+  _globals['_HEALTHREQUEST']._serialized_end=1448
+  _globals['_HEALTHRESPONSE']._serialized_start=1451
+  _globals['_HEALTHRESPONSE']._serialized_end=1597
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1535
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1597
+  _globals['_CLUSTERINFOREQUEST']._serialized_start=1599
+  _globals['_CLUSTERINFOREQUEST']._serialized_end=1619
+  _globals['_REPLICAINFO']._serialized_start=1622
+  _globals['_REPLICAINFO']._serialized_end=1861
+  _globals['_POOLINFO']._serialized_start=1863
+  _globals['_POOLINFO']._serialized_end=1973
+  _globals['_TENANTKVINFO']._serialized_start=1976
+  _globals['_TENANTKVINFO']._serialized_end=2289
+  _globals['_CLUSTERINFORESPONSE']._serialized_start=2292
+  _globals['_CLUSTERINFORESPONSE']._serialized_end=2430
+  _globals['_PDSERVE']._serialized_start=2581
+  _globals['_PDSERVE']._serialized_end=2808
 # @@protoc_insertion_point(module_scope)

@@ -109,7 +109,7 @@ class RouteInfo(_message.Message):
     def __init__(self, prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., reason: _Optional[str] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "usage", "timings", "route")
+    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "usage", "timings", "route", "cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -124,7 +125,38 @@ class GenerateResponse(_message.Message):
     usage: Usage
     timings: Timings
     route: RouteInfo
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., route: _Optional[_Union[RouteInfo, _Mapping]] = ...) -> None: ...
+    cache: CacheAttribution
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., route: _Optional[_Union[RouteInfo, _Mapping]] = ..., cache: _Optional[_Union[CacheAttribution, _Mapping]] = ...) -> None: ...
+
+class CacheAttribution(_message.Message):
+    __slots__ = ("cached_tokens", "cacheable_tokens", "cause", "evicted_blocks", "evicted_by", "first_evicted_at", "last_evicted_at", "route_reason", "replica")
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHEABLE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BY_FIELD_NUMBER: _ClassVar[int]
+    FIRST_EVICTED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVICTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_REASON_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    cached_tokens: int
+    cacheable_tokens: int
+    cause: str
+    evicted_blocks: int
+    evicted_by: _containers.RepeatedCompositeFieldContainer[EvictionSource]
+    first_evicted_at: float
+    last_evicted_at: float
+    route_reason: str
+    replica: str
+    def __init__(self, cached_tokens: _Optional[int] = ..., cacheable_tokens: _Optional[int] = ..., cause: _Optional[str] = ..., evicted_blocks: _Optional[int] = ..., evicted_by: _Optional[_Iterable[_Union[EvictionSource, _Mapping]]] = ..., first_evicted_at: _Optional[float] = ..., last_evicted_at: _Optional[float] = ..., route_reason: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class EvictionSource(_message.Message):
+    __slots__ = ("tenant", "blocks")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    blocks: int
+    def __init__(self, tenant: _Optional[str] = ..., blocks: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -173,12 +205,42 @@ class ReplicaInfo(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ...) -> None: ...
 
 class PoolInfo(_message.Message):
-    __slots__ = ("name", "replicas")
+    __slots__ = ("name", "replicas", "tenants")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
-    def __init__(self, name: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ...) -> None: ...
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantKVInfo]
+    def __init__(self, name: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantKVInfo, _Mapping]]] = ...) -> None: ...
+
+class TenantKVInfo(_message.Message):
+    __slots__ = ("tenant", "active_requests", "mean_active_tokens", "max_active_tokens", "kv_blocks_used", "kv_blocks_cached", "kv_bytes_used", "kv_bytes_cached", "allocation_failures", "orphaned_requests", "evicted_blocks", "kv_share_blocks")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACTIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_CACHED_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ORPHANED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_SHARE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    active_requests: int
+    mean_active_tokens: float
+    max_active_tokens: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_bytes_used: int
+    kv_bytes_cached: int
+    allocation_failures: int
+    orphaned_requests: int
+    evicted_blocks: int
+    kv_share_blocks: int
+    def __init__(self, tenant: _Optional[str] = ..., active_requests: _Optional[int] = ..., mean_active_tokens: _Optional[float] = ..., max_active_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_cached: _Optional[int] = ..., allocation_failures: _Optional[int] = ..., orphaned_requests: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., kv_share_blocks: _Optional[int] = ...) -> None: ...
 
 class ClusterInfoResponse(_message.Message):
     __slots__ = ("model", "block_size", "kv_transport", "router_policy", "pools")

@@ -3,7 +3,8 @@
 Streaming: every message from the path becomes one SSE event at once (``data: {json}\\n\\n``): for chat a
 first chunk carries the assistant role, the chunk with the last text carries ``finish_reason``, an optional
 usage chunk has empty ``choices``, then ``data: [DONE]``. ``usage`` always has ``prompt_tokens_details.
-cached_tokens`` (prompt tokens served from the prefix cache).
+cached_tokens`` (prompt tokens served from the prefix cache) and, as pdserve's extension, ``pdserve_cache``
+(the request's cache attribution: ``cluster.attribution.cache_usage_extension``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.attribution import cache_usage_extension
 from protos import pdserve_pb2 as pb
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -35,12 +37,15 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 def usage_of(response: pb.GenerateResponse) -> dict[str, Any]:
     """OpenAI ``usage`` from the last message's usage."""
     usage = response.usage
-    return {
+    body = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+    if response.HasField("cache"):  # pdserve's extension: why fewer tokens were cached (observability.md)
+        body["pdserve_cache"] = cache_usage_extension(response.cache)
+    return body
 
 
 def finish_reason_of(response: pb.GenerateResponse) -> str | None:
