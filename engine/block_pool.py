@@ -66,7 +66,8 @@ class BlockPool:
         self._num_referenced = 0
         self.held_blocks: Counter[str] = Counter()  # tenant -> its used + cached blocks
         self.evictions: Counter[tuple[str, str]] = Counter()  # (victim tenant, causing tenant) -> blocks
-        self.allocation_failures: Counter[str] = Counter()  # tenant -> refused allocate() calls
+        # tenant -> refused allocate() calls, plus the scheduler's preemptions of its running requests
+        self.allocation_failures: Counter[str] = Counter()
         self._default_share = int(tenant_kv_share * num_blocks)
         self._shares = {tenant: int(f * num_blocks) for tenant, f in (tenant_kv_shares or {}).items()}
         self.has_kv_shares = self._default_share > 0 or any(self._shares.values())

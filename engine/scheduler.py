@@ -157,6 +157,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        self.pool.allocation_failures[seq.tenant] += 1  # room it needed went to others (the KV review)
 
     # -- after the model ran ------------------------------------------------------------------------
     def commit(self, output: SchedulerOutput) -> None:

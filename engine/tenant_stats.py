@@ -25,7 +25,7 @@ class TenantStats:
     max_active_tokens: int
     num_blocks_used: int  # referenced blocks it owns
     num_blocks_cached: int  # its unreferenced cached blocks
-    num_allocation_failures: int  # refused allocate() calls since start
+    num_allocation_failures: int  # refused allocate() calls and preemptions of its requests, since start
     num_evicted_blocks: int  # its cached blocks evicted since start (by any tenant)
     num_share_blocks: int  # blocks guaranteed to it in eviction
     active_request_ids: tuple[str, ...] = ()

@@ -177,3 +177,25 @@ def test_random_operations_with_shares_keep_invariants_and_the_guarantee(ops: li
         pool.check_invariants()
     pool.release(held)
     _assert_empty(pool)
+
+
+def test_preemptions_count_as_the_victims_allocation_failures() -> None:
+    from engine.config import SchedulerConfig
+    from engine.sampling import SamplingParams
+    from engine.scheduler import Scheduler
+    from engine.sequence import Sequence
+
+    pool = BlockPool(4, 16)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=8), pool)
+    for name, tenant in (("a", "t1"), ("b", "t2")):  # 2 full blocks each: the pool is full
+        first = 1000 * ord(name)
+        scheduler.add(Sequence(name, list(range(first, first + 32)), 32, SamplingParams(), 0, tenant))
+    for _ in range(2):  # prefill both; then each needs a third block: b (admitted last) is preempted
+        output = scheduler.schedule()
+        scheduler.commit(output)
+        for item in output.scheduled:
+            item.seq.token_ids.append(7)
+    assert scheduler.num_preemptions == 1 and pool.allocation_failures == {"t2": 1}
+    for seq in [*scheduler.running, *scheduler.waiting]:
+        scheduler.finish(seq, "abort")
+    _assert_empty(pool)
