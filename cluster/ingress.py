@@ -23,12 +23,14 @@ import asyncio
 import logging
 from typing import Any
 
+from cluster.auth import check_exposure
 from cluster.config import config_from_dict
 from cluster.model_info import load_model_info
 from cluster.openai_api.app import OpenAIApp
 from cluster.openai_api.server import HttpServer
 from cluster.request_path import RequestPath
 from cluster.servicer import PDServeServicer, make_server
+from cluster.tenancy import Tenancy
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +41,18 @@ class IngressDeployment:
     async def __init__(self, config_dict: dict[str, Any], prefill: Any, decode: Any) -> None:
         config = config_from_dict(config_dict)
         self.path = RequestPath(config, load_model_info(config), prefill, decode)
-        self.servicer = PDServeServicer(self.path)
-        self.server, self.port = make_server(self.servicer, config.grpc.host, config.grpc.port)
+        check_exposure(config.auth, {"grpc.host": config.grpc.host, "http.host": config.http.host})
+        tenancy = Tenancy.for_config(config, self.path.metrics.registry)  # keys, rate limits, usage
+        self.servicer = PDServeServicer(self.path, tenancy)
+        self.server, self.port = make_server(self.servicer, config.grpc.host, config.grpc.port, config.tls)
         self.http: HttpServer | None = None
         if config.http.enabled:
             ready = self.servicer.pools_ready
             api = OpenAIApp(
-                self.path, ready, config.http.max_body_bytes, self.path.metrics, self.servicer.pool_stats
+                self.path, ready, config.http.max_body_bytes, self.path.metrics, self.servicer.pool_stats,
+                tenancy,
             )
-            self.http = HttpServer(api.app, config.http.host, config.http.port)
+            self.http = HttpServer(api.app, config.http.host, config.http.port, config.tls)
         await self.server.start()
         if self.http is not None:
             await self.http.start()

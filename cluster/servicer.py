@@ -28,6 +28,8 @@ from cluster.attribution import tenant_kv_infos
 from cluster.replica_directory import REPLICA_DIRECTORY
 from cluster.request_path import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT, RequestPath
 from cluster.stats import ReplicaLoad
+from cluster.tenancy import Tenancy, TenancyError
+from cluster.tls import TlsConfig, grpc_server_credentials
 from cluster.tracing import grpc_parent
 from cluster.validation import RequestError, WireParseFailure, parse_generate_request, validate
 from engine.block_pool import OutOfBlocksError
@@ -82,24 +84,42 @@ def _first_line(text: str) -> str:
     return lines[0][:500] if lines else "internal error"
 
 
-class PDServeServicer:
-    """Generate / Health / ClusterInfo over one ``RequestPath``."""
+def authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The ``authorization`` metadata value of a call (gRPC lower-cases metadata keys)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None
 
-    def __init__(self, path: RequestPath) -> None:
+
+async def abort_refused(context: grpc.aio.ServicerContext, error: RequestError) -> None:
+    """End the call with ``error``'s status (and its ``retry-after`` trailer when tenancy gave one)."""
+    trailers = error.trailing_metadata() if isinstance(error, TenancyError) else ()
+    await context.abort(error.code, error.message, trailing_metadata=trailers)
+
+
+class PDServeServicer:
+    """Generate / Health / ClusterInfo over one ``RequestPath``; ``tenancy``: API keys, rate limits and
+    usage metering (``cluster.tenancy``; default: keys off, no limits, metered in plain counters)."""
+
+    def __init__(self, path: RequestPath, tenancy: Tenancy | None = None) -> None:
         self.path = path
+        self.tenancy = tenancy if tenancy is not None else Tenancy.disabled()
 
     async def Generate(
         self, wire: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        if isinstance(wire, WireParseFailure):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, wire.message)
         try:
+            principal = self.tenancy.authenticate(authorization(context))  # before any other answer
+            if isinstance(wire, WireParseFailure):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, wire.message)
             tokenizer = self.path.model.tokenizer
             request = validate(wire, tokenizer.encode, self.path.model.limits, tokenizer.encode_chat)
+            admitted = self.tenancy.admit(principal, request, claimed_field="tenant_id")
         except RequestError as error:
-            await context.abort(error.code, error.message)
+            await abort_refused(context, error)
         parent = grpc_parent(self.path.tracer, context, wire)  # W3C traceparent in the metadata
-        stream = self.path.generate(request, parent)
+        stream = self.tenancy.meter(admitted, self.path.generate(admitted.request, parent))
         try:
             async with asyncio.timeout(self.path.config.request_timeout_s):
                 async for response in stream:
@@ -120,6 +140,12 @@ class PDServeServicer:
     async def ClusterInfo(
         self, request: pb.ClusterInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterInfoResponse:
+        principal = None
+        if self.tenancy.is_auth_enabled:  # then a key is needed, and it sees its own tenant's usage
+            try:
+                principal = self.tenancy.authenticate(authorization(context))
+            except TenancyError as error:
+                await abort_refused(context, error)
         config = self.path.config
         response = pb.ClusterInfoResponse(
             model=self.path.model.name,
@@ -132,6 +158,7 @@ class PDServeServicer:
             for load in loads:
                 pool.replicas.add(**{key: getattr(load, key) for key in _REPLICA_FIELDS})
             pool.tenants.extend(tenant_kv_infos(loads))  # the per-tenant KV review (cluster.attribution)
+        response.tenant_usage.extend(self.tenancy.usage_for(principal))
         return response
 
     async def pools_ready(self) -> bool:
@@ -191,8 +218,11 @@ _REPLICA_FIELDS = (
 )
 
 
-def make_server(servicer: PDServeServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server for ``servicer`` bound to ``host:port`` (port 0: any free one); returns the port."""
+def make_server(
+    servicer: PDServeServicer, host: str, port: int, tls: TlsConfig | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server for ``servicer`` bound to ``host:port`` (port 0: any free one), over TLS when
+    ``tls`` is enabled; returns the port."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate,
@@ -213,7 +243,10 @@ def make_server(servicer: PDServeServicer, host: str, port: int) -> tuple[grpc.a
     # so_reuseport off: a second server on a taken port must fail loudly, not share it silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None and tls.is_enabled:
+        bound = server.add_secure_port(f"{host}:{port}", grpc_server_credentials(tls))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"grpc: cannot bind {host}:{port} (in use?)")
     return server, bound

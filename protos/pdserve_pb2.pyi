@@ -242,16 +242,34 @@ class TenantKVInfo(_message.Message):
     kv_share_blocks: int
     def __init__(self, tenant: _Optional[str] = ..., active_requests: _Optional[int] = ..., mean_active_tokens: _Optional[float] = ..., max_active_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_cached: _Optional[int] = ..., allocation_failures: _Optional[int] = ..., orphaned_requests: _Optional[int] = ..., evicted_blocks: _Optional[int] = ..., kv_share_blocks: _Optional[int] = ...) -> None: ...
 
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "requests", "prompt_tokens", "cached_tokens", "generated_tokens", "rate_limited")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMITED_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    rate_limited: int
+    def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., rate_limited: _Optional[int] = ...) -> None: ...
+
 class ClusterInfoResponse(_message.Message):
-    __slots__ = ("model", "block_size", "kv_transport", "router_policy", "pools")
+    __slots__ = ("model", "block_size", "kv_transport", "router_policy", "pools", "tenant_usage")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ROUTER_POLICY_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_USAGE_FIELD_NUMBER: _ClassVar[int]
     model: str
     block_size: int
     kv_transport: str
     router_policy: str
     pools: _containers.RepeatedCompositeFieldContainer[PoolInfo]
-    def __init__(self, model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., router_policy: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ...) -> None: ...
+    tenant_usage: _containers.RepeatedCompositeFieldContainer[TenantUsage]
+    def __init__(self, model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., router_policy: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ..., tenant_usage: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ...) -> None: ...

@@ -39,6 +39,7 @@ from cluster.openai_api.protocol import (
 from cluster.openai_api.responses import DONE_EVENT, ResponseBuilder, sse_event
 from cluster.request_path import RequestPath
 from cluster.servicer import status_for
+from cluster.tenancy import Tenancy
 from cluster.tracing import http_parent
 from protos import pdserve_pb2 as pb
 
@@ -74,6 +75,7 @@ class OpenAIApp:
         max_body_bytes: int,
         ingress_metrics: IngressMetrics | None = None,
         pool_stats: Callable[[], Awaitable[PoolLoads]] | None = None,
+        tenancy: Tenancy | None = None,
     ) -> None:
         """``ingress_metrics``: the ingress's registry, which ``/metrics`` serves with the HTTP counters;
         ``pool_stats``: the replicas' fresh loads (the servicer's), asked for at each scrape."""
@@ -82,6 +84,7 @@ class OpenAIApp:
         self.max_body_bytes = max_body_bytes
         self.ingress_metrics = ingress_metrics
         self.pool_stats = pool_stats
+        self.tenancy = tenancy if tenancy is not None else Tenancy.disabled()  # keys, limits, usage
         self.metrics = HttpMetrics(ingress_metrics.registry if ingress_metrics is not None else None)
         self._ignored_logged: set[str] = set()
         self.app = Starlette(
@@ -103,6 +106,10 @@ class OpenAIApp:
         return await self._generate(request, "/v1/chat/completions", is_chat=True)
 
     async def models(self, request: Request) -> Response:
+        try:
+            self.tenancy.http_principal(request.headers.get("authorization"))  # /v1/* needs a key when on
+        except ApiError as error:
+            return self._error("/v1/models", error)
         model = {
             "id": self.path.model.name,
             "object": "model",
@@ -134,6 +141,7 @@ class OpenAIApp:
 
     async def _generate(self, request: Request, endpoint: str, is_chat: bool) -> Response:
         try:
+            principal = self.tenancy.http_principal(request.headers.get("authorization"))  # 401 first
             data = await self._read_json(request)
             body = parse_body(ChatCompletionRequest if is_chat else CompletionRequest, data)
             self._log_ignored(endpoint, body)
@@ -151,8 +159,9 @@ class OpenAIApp:
             builder = ResponseBuilder(
                 request_id, self.path.model.name, is_chat, body.include_usage, body.return_token_ids
             )
+            admitted = self.tenancy.http_admit(principal, valid)  # the key's tenant; 429 over its limits
             parent = http_parent(self.path.tracer, request.headers, is_chat)  # W3C traceparent header
-            stream = self.path.generate(valid, parent)
+            stream = self.tenancy.meter(admitted, self.path.generate(admitted.request, parent))
             if body.stream:
                 return await self._stream(request, endpoint, stream, builder)
             return await self._complete(request, endpoint, stream, builder)
