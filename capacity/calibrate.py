@@ -2,8 +2,8 @@
 :class:`~capacity.costs.LinearCost` to them (the only module of ``capacity`` that imports the engine,
 and only inside :func:`measure_steps`).
 
-Measured: prefill steps of one prompt of 16 .. 2,048 tokens (no cache hit), and decode steps at
-batch 1 .. 64 over contexts of 64 .. 1,024 tokens, each step timed around ``LLMEngine.step()`` (wall
+Measured: prefill steps of one prompt of 16 .. 1,024 tokens (no cache hit), and decode steps at
+batch 1 .. 64 over contexts of 64 .. 512 tokens, each step timed around ``LLMEngine.step()`` (wall
 clock, after a warm-up), on the torch thread count a cluster replica gets. The fit is ordinary least
 squares of step time on (1, tokens, seqs, attention pairs, KV tokens), coefficients clipped at 0.
 """
@@ -23,18 +23,8 @@ def measure_steps(
     dtype: str,
     num_threads: int | None,
     repeats: int = 3,
-    prefill_lengths: tuple[int, ...] = (16, 64, 256, 512, 1024, 2048),
-    decode_shapes: tuple[tuple[int, int], ...] = (
-        (1, 64),
-        (1, 512),
-        (4, 256),
-        (8, 64),
-        (8, 512),
-        (16, 256),
-        (32, 128),
-        (32, 512),
-        (64, 256),
-    ),
+    prefill_lengths: tuple[int, ...] = (16, 128, 512, 1024),
+    decode_shapes: tuple[tuple[int, int], ...] = ((1, 64), (1, 512), (8, 128), (16, 256), (32, 64), (64, 64)),
 ) -> tuple[list[tuple[Step, float]], int]:
     """(step shape, seconds) pairs from the real engine, and the model's KV bytes per token."""
     from engine.config import EngineConfig
@@ -142,7 +132,7 @@ def calibrate(
     model: str, dtype: str, num_threads: int | None, kv_bytes_per_token: int
 ) -> tuple[LinearCost, float]:
     """Measure and fit; returns the model and its median relative error over the measured step shapes."""
-    samples, _ = measure_steps(model, dtype, num_threads, repeats=4)
+    samples, _ = measure_steps(model, dtype, num_threads)
     source = (
         f"{model} {dtype}, {num_threads or 'default'} torch threads, {platform.machine()} "
         f"{platform.node()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"

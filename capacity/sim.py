@@ -68,6 +68,10 @@ class SimConfig:
     autoscale: Autoscale | None = None
     concurrency: int | None = None  # closed loop: this many requests in flight (arrival times ignored)
     sample_period_s: float = 1.0  # pool sizes and utilization samples
+    # cells: the cluster split into this many independent routing domains (each its own Router over
+    # its share of both pools; a request goes to the cell of its leading prefix units), as a large
+    # deployment puts ingress groups in front of node groups. 1 = one router over every worker.
+    num_cells: int = 1
 
 
 class PromptView:
@@ -141,6 +145,7 @@ class Worker:
         self.busy_s = 0.0
         self.draining = False
         self.serving_from_s = 0.0
+        self.cell = 0
 
     @property
     def queued_prefill_tokens(self) -> int:
@@ -184,7 +189,8 @@ class Simulation:
     def __init__(self, config: SimConfig, cost: CostModel) -> None:
         self.config = config
         self.cost = cost
-        self.router = Router(config.router)
+        self.routers = [Router(config.router) for _ in range(config.num_cells)]
+        self.created = {"prefill": 0, "decode": 0}
         self.events: list[tuple[float, int, int, object]] = []
         self.seq = itertools.count()
         self.now = 0.0
@@ -217,6 +223,8 @@ class Simulation:
         does_prefill = pool == "prefill" or self.colocated
         cache_units = shape.kv_blocks * self.config.block_size // self.unit_tokens if does_prefill else 1
         worker = Worker(worker_id, shape, cache_units)
+        worker.cell = self.created[pool] % self.config.num_cells
+        self.created[pool] += 1
         if does_prefill and self.cache_aware:
             worker.summary = SummaryBuilder(self.config.router.summary_max_keys)
             worker.summary_period_s = self.config.router.summary_period_s
@@ -229,9 +237,13 @@ class Simulation:
             self._push(self.now + self._autoscale().startup_s, READY, (pool, worker))
 
     def _sync_router(self) -> None:
-        live = {pool: [w for w in ids if not self.workers[w].draining] for pool, ids in self.pools.items()}
-        prefill = live["decode"] if self.colocated else live["prefill"]
-        self.router.set_workers(prefill, live["decode"])
+        for cell, router in enumerate(self.routers):
+            live = {
+                pool: [w for w in ids if not self.workers[w].draining and self.workers[w].cell == cell]
+                for pool, ids in self.pools.items()
+            }
+            prefill = live["decode"] if self.colocated else live["prefill"]
+            router.set_workers(prefill, live["decode"])
 
     def _autoscale(self) -> Autoscale:
         assert self.config.autoscale is not None
@@ -296,12 +308,13 @@ class Simulation:
         if not self.config.concurrency:
             self._schedule_arrival(self.source)
         job = Job(request)
+        router = self.routers[
+            hash(request.prefix_ids[:4]) % len(self.routers) if len(self.routers) > 1 else 0
+        ]
         if self.cache_aware:
-            choice = self.router.choose_prefill_by_probes(
-                probe_keys(request.prefix_ids, 1), request.input_len
-            )
+            choice = router.choose_prefill_by_probes(probe_keys(request.prefix_ids, 1), request.input_len)
         else:
-            choice = self.router.choose_prefill(PromptView(request, self.unit_tokens))
+            choice = router.choose_prefill(PromptView(request, self.unit_tokens))
         job.prefill_id = choice.worker_id
         worker = self.workers[choice.worker_id]
         worker.waiting.append(job)
@@ -423,7 +436,8 @@ class Simulation:
             job.decode_id = worker.id
             worker.decode_waiting.append(job)
             return
-        choice = self.router.choose_decode(blocks_for(job.req.input_len, self.config.block_size))
+        router = self.routers[worker.cell]
+        choice = router.choose_decode(blocks_for(job.req.input_len, self.config.block_size))
         job.decode_id = choice.worker_id
         num_bytes = job.req.input_len * self.cost.kv_bytes_per_token
         self._push(self.now + self.cost.transfer_s(num_bytes), TRANSFER, (job, worker))
@@ -466,7 +480,7 @@ class Simulation:
         now = self.now
         for worker in self.workers.values():
             if not worker.draining:
-                self.router.update_load(worker.report(now))
+                self.routers[worker.cell].update_load(worker.report(now))
         self._push(now + self.config.router.load_report_period_s, REPORT, None)
 
     def _on_sample(self, _: object) -> None:

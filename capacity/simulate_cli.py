@@ -126,6 +126,14 @@ def print_summary(summary: dict, cost_line: str, wall_s: float, sim_s: float, ec
 @click.option("--engine-dtype", default="bfloat16", show_default=True)
 @click.option("--engine-threads", type=int, default=1, show_default=True)
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--validate", is_flag=True,
+              help="Replay scaled Azure conv and Mooncake through an embedded cluster and the simulator.")
+@click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="--validate: the embedded cluster's YAML (e.g. cluster/bench/configs/two-core.yaml).")
+@click.option("--sweep", default=None, metavar="N,N,...",
+              help="Predict the closed-loop concurrency knee at these levels (planner and simulator).")
+@click.option("--measured", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="--sweep: a measured sweep.json (pdserve bench --concurrency ...) to compare with.")
 def simulate(**o) -> None:
     """Simulate a cluster (the real router, scheduler rules and autoscaling policies); bench-style figures."""
     out_dir = Path(o["output_dir"] or f"sim-out/{stamp()}")
@@ -145,6 +153,11 @@ def simulate(**o) -> None:
         click.echo(f"calibrated: {fitted.describe()} (median step error {error:.1%}) -> {calibration}")
     node = _node(o["device"], o["tp"], o["reserved_gb"], o["memory_gb"])
     cost = cost_model(spec, node, calibration)
+    if o["validate"] or o["sweep"]:
+        from capacity.validate_cli import run_checks
+
+        run_checks(o, spec, node, cost, out_dir)
+        return
     config = sim_config(o, spec, node)
     requests = build_requests(
         o["trace"],

@@ -37,7 +37,8 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     # capacity drives the real router, scheduler rules and autoscaling policies (torch-free, Ray-free);
     # only capacity.calibrate imports the engine (lazily) to time it
     "capacity": {"capacity", "engine.kv_memory", "engine.scheduling_rules", "router", "cluster.autoscaling",
-                 "cluster.bench.workload", "engine.config", "engine.llm_engine", "engine.sampling"},
+                 "cluster.bench", "cluster.config", "engine.config", "engine.llm_engine",
+                 "engine.sampling"},
 }
 PROJECT = set(PACKAGES) | {"protos"}
 

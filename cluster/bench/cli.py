@@ -53,7 +53,9 @@ def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> 
               help="Mooncake .jsonl or Azure .csv trace: lengths (and arrivals unless --rate/--concurrency).")
 @click.option("--rate", type=float, default=None,
               help="Poisson arrivals at this many req/s ('inf': all at once).")
-@click.option("--concurrency", type=int, default=None, help="Closed loop with this many requests in flight.")
+@click.option("--concurrency", default=None, metavar="N[,N,...]",
+              help="Closed loop with this many requests in flight; a list (1,2,4,...) sweeps the levels "
+                   "on one cluster and finds the knee (cluster/bench/sweep.py).")
 @click.option("--time-scale", type=float, default=1.0, show_default=True,
               help="Trace replay: trace seconds x this = replay seconds (2 = half the trace's rate).")
 @click.option("--length-scale", type=float, default=1.0, show_default=True,
@@ -83,7 +85,7 @@ def _arrival(trace: str | None, rate: float | None, concurrency: int | None) -> 
 @click.argument("more_slo", nargs=-1, metavar="[ttft:MS|tpot:MS|e2e:MS]...")
 def bench(server: str, api: str, http_server: str, embedded: bool, mode: str, compare: bool,
           colocated_replicas: int | None, cluster_config: str | None,
-          trace: str | None, rate: float | None, concurrency: int | None, time_scale: float,
+          trace: str | None, rate: float | None, concurrency: str | None, time_scale: float,
           length_scale: float, lengths: str, duration: float | None, num_requests: int | None,
           trace_start: float, goodput: tuple[str, ...], max_context: int, vocab_size: int,
           block_tokens: int, seed: int, tenant: str, warmup: int, poll_interval: float, timeout: float,
@@ -92,11 +94,17 @@ def bench(server: str, api: str, http_server: str, embedded: bool, mode: str, co
 
     Trailing SLO items continue --goodput, so vLLM's `--goodput ttft:500 tpot:50` works as is.
     """
-    arrival = _arrival(trace, rate, concurrency)
+    from cluster.bench.sweep import embedded_kv_budget, parse_levels, run_sweep
+
+    try:
+        levels = parse_levels(concurrency) if concurrency is not None else []
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    arrival = _arrival(trace, rate, levels[0] if levels else None)
     try:
         config = BenchConfig(
             arrival=arrival, trace=trace, rate=rate if rate is not None else 1.0,
-            concurrency=concurrency or 1, time_scale=time_scale, length_scale=length_scale,
+            concurrency=levels[0] if levels else 1, time_scale=time_scale, length_scale=length_scale,
             lengths=parse_length_mix(lengths), duration_s=duration, num_requests=num_requests,
             trace_start_s=trace_start, max_context=max_context, vocab_size=vocab_size,
             block_tokens=block_tokens, slo=SLO.parse(goodput + more_slo), seed=seed, tenant_id=tenant,
@@ -107,6 +115,11 @@ def bench(server: str, api: str, http_server: str, embedded: bool, mode: str, co
         raise click.BadParameter("--rate inf needs --num-requests")
     out_dir = Path(output_dir or f"bench-out/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     targets = _targets(server, http_server, embedded, mode, compare, cluster_config, colocated_replicas)
+    if len(levels) > 1:  # a concurrency sweep: one cluster, every level in turn
+        budget = embedded_kv_budget(cluster_config) if embedded else None
+        run_sweep(config, levels, targets[0], out_dir, kv_budget_bytes=budget, show_progress=not no_progress,
+                  echo=click.echo)
+        return
     try:
         run_suite(config, Workload(config), targets, out_dir, show_progress=not no_progress, echo=click.echo,
                   api=api)

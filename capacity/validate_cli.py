@@ -1,0 +1,61 @@
+"""The ``--validate`` and ``--sweep`` parts of ``pdserve simulate`` (see capacity.validate, capacity.knee)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from capacity.cli import write_json
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def default_cases() -> list:
+    """Azure conv and Mooncake conversation, scaled to this machine: about 1 request/s, short prompts."""
+    from capacity.validate import Case
+
+    return [
+        Case("azure-conv", str(SHARED_DATA / "azure" / "AzureLLMInferenceTrace_conv.csv"), 0.1, 5.0, 40),
+        Case("mooncake", str(SHARED_DATA / "mooncake" / "conversation_trace.jsonl"), 0.02, 3.0, 40),
+    ]
+
+
+def run_checks(o: dict, spec, node, cost, out_dir: Path) -> None:
+    blocks = o["kv_blocks"] or int(node.kv_budget_bytes(spec) // (spec.kv_bytes_per_token * o["block_size"]))
+    if o["sweep"]:
+        from capacity.knee import predicted_knees
+        from cluster.bench.sweep import find_knee, parse_levels
+
+        levels = parse_levels(o["sweep"])
+        predicted = predicted_knees(
+            cost,
+            levels,
+            int(o["input_len"]),
+            int(o["output_len"]),
+            blocks,
+            o["block_size"],
+            o["max_num_seqs"],
+        )
+        click.echo(f"cost model: {cost.describe()}")
+        for name in ("planner", "simulator"):
+            tokens = ", ".join(f"{r['output_tokens_per_s']:,.0f}" for r in predicted[name]["rows"])
+            click.echo(f"{name}: knee {predicted[name]['knee']} (output tok/s at {levels}: {tokens})")
+        if o["measured"]:
+            measured = json.loads(Path(o["measured"]).read_text())
+            knee = find_knee(measured["levels"], [r["output_tokens_per_s"] for r in measured["rows"]])
+            predicted["measured"] = {"rows": measured["rows"], "knee": knee}
+            click.echo(f"measured: knee {knee}")
+        write_json(out_dir / "knee.json", {"cost_model": cost.describe(), **predicted})
+    if o["validate"]:
+        from capacity.validate import compare, report, run_real, run_sim
+
+        results = []
+        for case in default_cases():
+            real = run_real(case, o["cluster_config"], out_dir)
+            results.append((case, compare(real, run_sim(case, cost, blocks, o["block_size"]))))
+        text = report(results, cost.describe())
+        (out_dir).mkdir(parents=True, exist_ok=True)
+        (out_dir / "validation.md").write_text(text)
+        click.echo(text)
