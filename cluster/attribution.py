@@ -32,6 +32,9 @@ from worker_common.messages import CACHE_CAUSES, CacheAttribution
 
 logger = logging.getLogger(__name__)
 
+# Prefill route reasons that send a request to where its prefix lives: prefix_hash's ring owner, the
+# cache_aware policy's primary holder or another holder (router.decisions.RouteReason)
+OWNER_ROUTES = ("ring_owner", "prefix_cache", "cache_split")
 TENANT_STATS_TIMEOUT_S = 0.5  # a replica_stats call answers without the per-tenant part past this
 
 
@@ -39,8 +42,8 @@ class AttributionConfig(BaseModel):
     """The ``attribution:`` section: the hit-rate warning (docs/observability.md, "Hit-rate warning").
 
     Over the last ``window_requests`` requests with a cacheable prefix, the realized hit rate (cached /
-    cacheable tokens) is compared with the expected one: the hit rate that requests routed to their
-    prefix's ring owner got over the last ``baseline_requests`` such requests. Below
+    cacheable tokens) is compared with the expected one: the hit rate that requests routed to where their
+    prefix lives (``OWNER_ROUTES``) got over the last ``baseline_requests`` such requests. Below
     ``warn_ratio`` x expected (and expected >= ``min_expected``), ``pdserve:prefix_hit_rate_low`` is 1
     and a warning is logged at most every ``warn_interval_s``.
     """
@@ -78,7 +81,7 @@ class HitRateMonitor:
         """Add a finished request; None when it had nothing cacheable (it says nothing about the cache)."""
         if cache.cacheable_tokens <= 0:
             return None
-        is_owner = cache.route_reason == "ring_owner"
+        is_owner = cache.route_reason in OWNER_ROUTES
         self._window.append((cache.cached_tokens, cache.cacheable_tokens, is_owner, cache.cause))
         if is_owner:
             self._owner.append((cache.cached_tokens, cache.cacheable_tokens))
@@ -175,7 +178,7 @@ class CacheAttributionRecorder:
             self.warnings.inc()
             logger.warning(
                 "prefix hit rate %.0f%% over the last %d requests, far below the %.0f%% the router "
-                "expected (ring-owner requests' rate); %.0f%% of them went to their ring owner; "
+                "expected (what requests sent to their prefix's holder get); %.0f%% of them went there; "
                 "short hits by cause: %s",
                 100 * verdict.realized, verdict.num_requests, 100 * verdict.expected,
                 100 * verdict.owner_fraction, dict(verdict.causes) or "none",

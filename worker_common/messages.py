@@ -58,6 +58,8 @@ class WorkerRequest:
 
 CACHE_CAUSES = ("", "evicted", "ring_walk", "never_cached")
 """``CacheAttribution.cause`` values ("": every cacheable prompt token was served from the cache)."""
+OFF_OWNER_ROUTES = ("ring_walk", "replicate")
+"""Prefill route reasons (``router.decisions.RouteReason``) that left the prefix's owner as it was hot."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,9 @@ class CacheAttribution:
         )
 
     def with_route(self, route_reason: str) -> CacheAttribution:
-        """This attribution with the ingress's route reason; a short hit after a ring walk is blamed on it."""
-        cause = "ring_walk" if route_reason == "ring_walk" and self.is_short else self.cause
+        """This attribution with the ingress's route reason; a short hit after the router sent the request
+        off its prefix's owner under load (``OFF_OWNER_ROUTES``) is blamed on that."""
+        cause = "ring_walk" if route_reason in OFF_OWNER_ROUTES and self.is_short else self.cause
         return replace(self, route_reason=route_reason, cause=cause)
 
 

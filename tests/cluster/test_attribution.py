@@ -36,6 +36,7 @@ def test_from_miss_and_the_route_decide_the_cause() -> None:
     assert cache.evicted_by_tenant == "b" and cache.replica_id == "p0"
     assert cache.with_route("ring_owner").cause == "evicted"
     assert cache.with_route("ring_walk").cause == "ring_walk"  # walked off the owner: that is the cause
+    assert cache.with_route("replicate").cause == "ring_walk"  # cache_aware: every holder too loaded
     assert CacheAttribution.from_miss(PrefixMiss(4, 0), 16).cause == "never_cached"
     full = CacheAttribution.from_miss(PrefixMiss(4, 4), 16)
     assert full.cause == "" and full.with_route("ring_walk").cause == ""  # nothing lost, nothing to blame
@@ -137,7 +138,7 @@ class _Worker:
 
 
 def test_tenant_loads_counts_requests_and_orphans_from_a_real_engine() -> None:
-    engine = LLMEngine(EngineConfig(kv_cache_bytes=64 * 2**16, max_num_seqs=1))  # 64 blocks of 16 tokens
+    engine = LLMEngine(EngineConfig(kv_cache_bytes=64 * 2**16, max_num_seqs=1, num_threads=1))  # 64 blocks
     worker = _Worker(engine)
     params = SamplingParams(max_tokens=200, ignore_eos=True)
     engine.add_request("a-live", [1] * 40, params, tenant="a")
