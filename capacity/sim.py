@@ -146,6 +146,9 @@ class Worker:
         self.draining = False
         self.serving_from_s = 0.0
         self.cell = 0
+        self.run: tuple[float, list[float]] | None = None  # a decode-only run in progress: (start, durations)
+        self.version = 0  # bumps when a step event is (re)scheduled; stale events are ignored
+        self.joined: list[Job] = []
 
     @property
     def queued_prefill_tokens(self) -> int:
@@ -321,8 +324,41 @@ class Simulation:
         self._kick(worker)
 
     def _kick(self, worker: Worker) -> None:
-        if not worker.busy and worker.has_work():
-            self._start_step(worker)
+        if not worker.busy:
+            if worker.has_work():
+                self._start_step(worker)
+        elif worker.run is not None and len(worker.run[1]) > 1:
+            self._cut_run(worker)
+
+    def _decode_run(self, worker: Worker) -> list[float]:
+        """Durations of the decode-only steps until the batch next changes (its first finish), at most
+        MAX_RUN_STEPS: one event for the run instead of one per step. A request arriving meanwhile cuts
+        the run at the step in progress (:meth:`_cut_run`), so it joins at the next step boundary as in
+        the engine."""
+        batch, ctx, step_s = worker.batch, worker.ctx_sum, self.cost.step_s
+        num_steps = 1
+        if worker.finishing and not worker.decode_waiting:
+            num_steps = min(MAX_RUN_STEPS, max(1, worker.finishing[0][0] - worker.step_index))
+        durations = []
+        for _ in range(num_steps):
+            durations.append(step_s(Step(batch, batch, ctx, ctx)))
+            ctx += batch
+        return durations
+
+    def _cut_run(self, worker: Worker) -> None:
+        assert worker.run is not None
+        start, durations = worker.run
+        elapsed, keep = start, 0
+        while keep < len(durations) and elapsed <= self.now:
+            elapsed += durations[keep]
+            keep += 1
+        if keep >= len(durations):
+            return
+        worker.busy_s -= sum(durations[keep:])
+        kept = durations[:keep]
+        worker.run = (start, kept)
+        worker.version += 1
+        self._push(elapsed, STEP_END, (worker, (), kept, worker.joined, worker.version))
 
     # -- one engine step (engine.scheduling_rules) ---------------------------------------------------
     def _start_step(self, worker: Worker) -> None:
@@ -334,10 +370,13 @@ class Simulation:
             if not worker.batch:
                 worker.busy = False
                 return
-            duration = self.cost.step_s(Step(worker.batch, worker.batch, worker.ctx_sum, worker.ctx_sum))
+            durations = self._decode_run(worker)
             worker.busy = True
-            worker.busy_s += duration
-            self._push(self.now + duration, STEP_END, (worker, (), duration, joined))
+            worker.busy_s += sum(durations)
+            worker.run = (self.now, durations)
+            worker.joined = joined
+            worker.version += 1
+            self._push(self.now + sum(durations), STEP_END, (worker, (), durations, joined, worker.version))
             return
         chunks: list[tuple[Job, int]] = []
         for job in worker.prefilling:  # running chunked prefills first
@@ -360,7 +399,9 @@ class Simulation:
         duration = self.cost.step_s(step)
         worker.busy = True
         worker.busy_s += duration
-        self._push(self.now + duration, STEP_END, (worker, chunks, duration, joined))
+        worker.run = None
+        worker.version += 1
+        self._push(self.now + duration, STEP_END, (worker, chunks, [duration], joined, worker.version))
 
     def _admit_prefills(self, worker: Worker, budget: int, chunks: list[tuple[Job, int]]) -> None:
         shape, block_size = worker.shape, self.config.block_size
@@ -407,15 +448,20 @@ class Simulation:
         return joined
 
     # -- after a step, a transfer ---------------------------------------------------------------------
-    def _on_step_end(self, payload: tuple[Worker, list[tuple[Job, int]], float, list[Job]]) -> None:
-        worker, chunks, duration, joined = payload
+    def _on_step_end(
+        self, payload: tuple[Worker, list[tuple[Job, int]], list[float], list[Job], int]
+    ) -> None:
+        worker, chunks, durations, joined, version = payload
+        if version != worker.version:
+            return  # a decode run that was cut short: its replacement event stands
+        worker.run = None
         for job, n in chunks:  # () for a decode-only step
             job.done += n
             if job.done >= job.req.input_len:
                 worker.prefilling.remove(job)
                 self._prefilled(worker, job)
         if worker.batch:
-            self._decoded(worker, duration, joined)
+            self._decoded(worker, durations, joined)
         worker.busy = False
         self._kick(worker)
         if worker.draining and not worker.has_work():
@@ -442,15 +488,18 @@ class Simulation:
         num_bytes = job.req.input_len * self.cost.kv_bytes_per_token
         self._push(self.now + self.cost.transfer_s(num_bytes), TRANSFER, (job, worker))
 
-    def _decoded(self, worker: Worker, duration: float, joined: list[Job]) -> None:
+    def _decoded(self, worker: Worker, durations: list[float], joined: list[Job]) -> None:
         now = self.now
-        worker.step_index += 1
-        worker.ctx_sum += worker.batch
+        worker.step_index += len(durations)
+        worker.ctx_sum += worker.batch * len(durations)
         metrics = self.metrics
+        first_step_end = now - sum(durations[1:])
         for job in joined:
-            metrics.on_token_gap(now - job.last_token_s, 1)
-        metrics.on_token_gap(duration, worker.batch - len(joined))
-        metrics.decode_tokens += worker.batch
+            metrics.on_token_gap(first_step_end - job.last_token_s, 1)
+        metrics.on_token_gap(durations[0], worker.batch - len(joined))
+        for duration in durations[1:]:
+            metrics.on_token_gap(duration, worker.batch)
+        metrics.decode_tokens += worker.batch * len(durations)
         finishing = worker.finishing
         while finishing and finishing[0][0] <= worker.step_index:
             _, _, job = heapq.heappop(finishing)
@@ -528,3 +577,4 @@ class Simulation:
 
 
 ARRIVAL, STEP_END, TRANSFER, REPORT, SAMPLE, AUTOSCALE, READY = range(7)
+MAX_RUN_STEPS = 64
