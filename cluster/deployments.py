@@ -106,6 +106,7 @@ class PrefillDeployment(_WorkerDeployment):
         self.worker = PrefillWorker(
             engine, transport, self.replica_id, engine.config.dtype, engine.config.block_size, config.lease_s
         )
+        self.worker.prefix_summary.configure(config.router.summary_max_keys, config.router.summary_period_s)
 
     async def prefill(self, request: WorkerRequest, target_replica_id: str | None = None) -> PrefillResult:
         return await self.tracer.prefill(request, self.worker.prefill(request))
@@ -116,8 +117,12 @@ class PrefillDeployment(_WorkerDeployment):
     async def abort(self, request_id: str, target_replica_id: str | None = None) -> None:
         await self.worker.abort(request_id)
 
-    def _worker_counts(self) -> dict[str, int]:
-        return {"pinned_requests": self.worker.num_pinned, "leases_expired": self.worker.num_leases_expired}
+    def _worker_counts(self) -> dict[str, Any]:
+        return {
+            "pinned_requests": self.worker.num_pinned,
+            "leases_expired": self.worker.num_leases_expired,
+            "prefix_summary": self.worker.prefix_summary.summary,  # worker_common.prefix_summary
+        }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         load = self._load()

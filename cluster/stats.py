@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from engine.outputs import EngineStats
+    from worker_common.prefix_summary import PrefixSummary
 
 
 class TenantLoad(NamedTuple):
@@ -67,6 +68,10 @@ class ReplicaLoad:
     # per tenant, sorted; filled by the fresh ``replica_stats`` call only (cluster.attribution), empty in
     # the routing copy, which stays small
     tenants: tuple[TenantLoad, ...] = ()
+    # prefill: (generation, probe keys of the prefixes it holds, newest first) from
+    # worker_common.prefix_summary, read by the router's cache_aware policy; capped by
+    # router.summary_max_keys, 8 bytes a key
+    prefix_summary: PrefixSummary | None = None
 
     @classmethod
     def from_engine(cls, replica_id: str, stats: EngineStats, **worker_counts: int) -> ReplicaLoad:

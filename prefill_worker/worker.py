@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from kv_transfer.base import KVHandle, TransferEndpoint
 from worker_common.engine_loop import EngineLoop, layout_of
 from worker_common.messages import CacheAttribution, PrefillResult, WorkerRequest
+from worker_common.prefix_summary import PrefixSummaryBuilder
 from worker_common.protocols import WorkerEngine, WorkerTransport
 
 if TYPE_CHECKING:
@@ -68,8 +69,9 @@ class PrefillWorker:
         self._pending: dict[str, _PendingPrefill] = {}
         self._leases: dict[str, float] = {}  # request id -> lease expiry (time.time()); engine thread only
         self.num_leases_expired = 0
+        self.prefix_summary = PrefixSummaryBuilder(block_size)  # for the router: worker_common.prefix_summary
         self.engine_loop = EngineLoop(
-            engine, self._on_outputs, self._expire_leases, self._on_failure, name="prefill-engine"
+            engine, self._on_outputs, self._housekeeping, self._on_failure, name="prefill-engine"
         )
         self.engine_loop.start()
 
@@ -148,6 +150,7 @@ class PrefillWorker:
         now = time.perf_counter()
         num_prompt_tokens = len(request.prompt_token_ids)
         handle = None
+        self.prefix_summary.note(request.prompt_token_ids, request.tenant)
         if output.is_prefilled:
             block_ids = tuple(self.engine.pinned_blocks(request.request_id))
             expires = time.time() + self.lease_s
@@ -179,6 +182,10 @@ class PrefillWorker:
         """End the lease (if any) and abort: the engine frees, unpins or dequeues the request's blocks."""
         self._leases.pop(request_id, None)
         engine.abort_request(request_id)
+
+    def _housekeeping(self) -> None:
+        self._expire_leases()
+        self.prefix_summary.refresh(self.engine)
 
     def _expire_leases(self) -> None:
         if not self._leases:
