@@ -70,7 +70,8 @@ def _deployment(cls: type, name: str, pool: PoolConfig, config: ClusterConfig) -
             request_routing_stats_timeout_s=max(1.0, 5 * config.router.load_report_period_s),
         ),
         "health_check_period_s": 2.0,
-        "graceful_shutdown_timeout_s": 5.0,
+        # decode: a replica being removed finishes its streams for this long, then the rest migrate
+        "graceful_shutdown_timeout_s": config.migration.drain_timeout_s if name == DECODE_DEPLOYMENT else 5.0,
     }
     if pool.is_autoscaling:
         options["autoscaling_config"] = {

@@ -31,11 +31,13 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from cluster.admission import AdmissionConfig
 from cluster.attribution import AttributionConfig
 from cluster.auth import AuthConfig
 from cluster.autoscaling import DecodePolicyConfig, PrefillPolicyConfig
 from cluster.config_errors import ConfigError, describe_validation_error
 from cluster.metrics import MetricsConfig
+from cluster.migration import MigrationConfig
 from cluster.rate_limit import RateLimitConfig
 from cluster.tls import TlsConfig
 from cluster.tracing import TracingConfig
@@ -175,9 +177,11 @@ class ClusterConfig(_Section):
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)  # cluster.migration
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)  # cluster.admission: KV budget
     tracing: TracingConfig = Field(default_factory=TracingConfig)  # OpenTelemetry; off by default
-    attribution: AttributionConfig = Field(default_factory=AttributionConfig)  # hit-rate warning
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # Prometheus request series; on
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)  # hit-rate warning
     auth: AuthConfig = Field(default_factory=AuthConfig)  # API keys -> tenants (cluster/auth.py); off: none
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)  # per-tenant tokens/minute
     tls: TlsConfig = Field(default_factory=TlsConfig)  # cert + key: gRPC and HTTP over TLS (cluster/tls.py)

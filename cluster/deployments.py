@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -78,6 +79,10 @@ class _WorkerDeployment:
 
     def record_routing_stats(self) -> dict[str, Any]:
         return self._load().to_routing_stats()  # Serve's contract is a dict; the ingress reads a ReplicaLoad
+
+    async def process_id(self, target_replica_id: str | None = None) -> int:
+        """The OS process id of this replica (operators and fault tests signal it)."""
+        return os.getpid()
 
     def check_health(self) -> None:
         """Serve's health check: the engine thread must be alive."""
@@ -159,6 +164,7 @@ class DecodeDeployment(_WorkerDeployment):
             config.coalesce_every_streams,
             config.coalesce_max_wait_ms / 1e3,
             pull_delay_s=config.kv_transfer.test_pull_delay_s,
+            heartbeat_interval_s=config.migration.heartbeat_interval_s,
         )
 
     async def generate(

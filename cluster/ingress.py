@@ -78,6 +78,14 @@ class IngressDeployment:
         """The class of the event loop the gRPC server runs on (``uvloop.Loop`` when uvloop is installed)."""
         return self.loop_class
 
+    async def migration_stats(self) -> dict[str, Any]:
+        """This replica's decode-stream migrations: counters, suspects, recent events (cluster.migration)."""
+        return self.path.migration.snapshot()
+
+    async def admission_stats(self) -> dict[str, Any]:
+        """This replica's admission books: queue depth (now, max seen), reservations, refusals."""
+        return self.path.admission.snapshot()
+
     async def check_health(self) -> None:
         """Serve's health check: the gRPC server (and the HTTP server when enabled) must still be serving."""
         if self.server is None:

@@ -15,6 +15,7 @@ running or pinned is aborted on its replica (fire-and-forget, so the cancel itse
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -22,9 +23,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.admission import KVAdmission, Ticket
 from cluster.attribution import CacheAttributionRecorder
 from cluster.config import ClusterConfig
 from cluster.metrics import IngressMetrics, RequestFacts
+from cluster.migration import (
+    RESUME_PREFILL_SAMPLING,
+    DecodeReplicaLost,
+    MigrationEvent,
+    MigrationLog,
+    StreamProgress,
+    watch_decode,
+)
 from cluster.model_info import ModelInfo
 from cluster.replica_directory import REPLICA_DIRECTORY, ReplicaView
 from cluster.route_policy import RoutePolicy
@@ -68,6 +78,7 @@ class _Trace:
     has_kv_transfer: bool = False
     span: Any = NULL_SPAN  # cluster.tracing.RequestSpan: the ingress span (a no-op object when off)
     cache: CacheAttribution | None = None  # the prefill's cache attribution with the route (disaggregated)
+    ticket: Ticket | None = None  # cluster.admission: the KV blocks reserved for the request
 
 
 class RequestPath:
@@ -84,6 +95,14 @@ class RequestPath:
         self.attribution = CacheAttributionRecorder(config.attribution, self.metrics.registry)
         self.tracer = make_tracer(config.tracing, "ingress", model=model.name)  # NULL_TRACER when off
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget notices kept alive here
+        self.migration = MigrationLog(config.migration)  # decode-replica losses and the moves they caused
+        self.admission = KVAdmission(
+            config.admission,
+            config.engine.block_size,
+            config.worker_pools,
+            self._kv_blocks_per_replica,
+            config.ingress.num_replicas,
+        )
 
     async def generate(
         self, request: ValidRequest, parent: TraceParent | None = None
@@ -94,7 +113,11 @@ class RequestPath:
         internal_id = f"{request.request_id}#{uuid.uuid4().hex[:8]}"  # unique in the engines
         trace.span = self.tracer.start_request(request, parent, internal_id)
         work = WorkerRequest(
-            internal_id, request.prompt_token_ids, request.sampling, request.tenant, time.time(),
+            internal_id,
+            request.prompt_token_ids,
+            request.sampling,
+            request.tenant,
+            time.time(),
             trace.span.context,
         )
         source: Any
@@ -103,10 +126,15 @@ class RequestPath:
         else:
             source = self._disaggregated(work, trace)
         try:
+            trace.ticket = await self.admission.admit(
+                len(request.prompt_token_ids), request.sampling.max_tokens
+            )
             async for response in self._responses(source, request, trace):
                 yield response
         finally:
             await source.aclose()  # runs the path's cleanup now, even when we were cancelled at a yield
+            if trace.ticket is not None:
+                trace.ticket.release()  # cluster.admission: the request's KV reservation ends here
             trace.span.end()  # no-op after _finish; else the span ends as failed or cancelled
 
     async def _responses(
@@ -139,67 +167,150 @@ class RequestPath:
         decode_views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
         choice = self.policy.choose_prefill(work.prompt_token_ids, work.tenant, prefill_views, decode_views)
         trace.span.routed("prefill", choice.replica_id, choice.reason)
-        result: PrefillResult | None = None
-        is_released = False
+        result = await self._prefill(work, choice.replica_id)
+        trace.prefill_ms = result.prefill_ms
+        trace.queue_ms = (time.perf_counter() - trace.arrival) * 1e3 - result.prefill_ms
+        trace.num_cached_tokens = result.num_cached_tokens
+        trace.cache = result.cache.with_route(choice.reason)
+        trace.route.prefill_replica = result.replica_id
+        trace.route.reason = f"prefill={choice.reason}"
+        trace.has_prefill_phase = True
+        if not result.is_prefilled:  # the first token ended it; the prefill replica unpinned at once
+            yield [result.first_token_id], result.first_text, result.finish_reason
+            return
+        assert result.handle is not None
+        is_handed_over = False  # from then on _decode releases or aborts the pinned blocks
         try:
-            result = await self.prefill.prefill.remote(work, target_replica_id=choice.replica_id)
-            trace.prefill_ms = result.prefill_ms
-            trace.queue_ms = (time.perf_counter() - trace.arrival) * 1e3 - result.prefill_ms
-            trace.num_cached_tokens = result.num_cached_tokens
-            trace.cache = result.cache.with_route(choice.reason)
-            trace.route.prefill_replica = result.replica_id
-            trace.route.reason = f"prefill={choice.reason}"
-            trace.has_prefill_phase = True
-            if not result.is_prefilled:
-                is_released = True  # the first token ended it; the prefill replica unpinned at once
-                yield [result.first_token_id], result.first_text, result.finish_reason
-                return
-            assert result.handle is not None
             yield [result.first_token_id], result.first_text, None
+            decode_views = self._healthy(await self._replicas(DECODE_DEPLOYMENT, self.decode))
             decode_choice = self.policy.choose_decode(len(result.handle.block_ids), decode_views)
             trace.kv_transfer_bytes = _handle_bytes(result.handle)
             trace.route.reason += f" decode={decode_choice.reason}"
-            work_item = DecodeRequest(work, result.first_token_id, result.handle, len(result.first_text))
-            stream = self.decode_stream.generate.remote(work_item, target_replica_id=decode_choice.replica_id)
-            try:
-                async for chunk in stream:
-                    if chunk.is_transfer_report:
-                        self._on_transfer(chunk, trace)
-                        self._notify_prefill("release", result)
-                        is_released = True
-                        continue
-                    yield _piece_of(chunk)
-                    if chunk.finished:
-                        return
-            finally:
-                stream.cancel()
+            item = DecodeRequest(work, result.first_token_id, result.handle, len(result.first_text))
+            progress = StreamProgress([result.first_token_id], len(result.first_text))
+            is_handed_over = True
+            async for piece in self._decode(work, item, decode_choice.replica_id, result, trace, progress):
+                yield piece
         finally:
-            if not is_released:
-                # Cancelled or failed before the decode side pulled: nothing may stay pinned or queued.
-                self._notify_prefill("abort", result, work.request_id, choice.replica_id)
+            if not is_handed_over:  # cancelled at the first token: nothing may stay pinned
+                self._notify_prefill("abort", result)
 
     async def _colocated(self, work: WorkerRequest, trace: _Trace) -> AsyncIterator[_Piece]:
-        decode_views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
+        decode_views = self._healthy(await self._replicas(DECODE_DEPLOYMENT, self.decode))
         expected_blocks = -(-len(work.prompt_token_ids) // self.config.engine.block_size)
         choice = self.policy.choose_decode(expected_blocks, decode_views)
         trace.route.reason = f"colocated={choice.reason}"
         trace.span.routed("colocated", choice.replica_id, choice.reason)
-        stream = self.decode_stream.generate.remote(
-            DecodeRequest(work, None, None), target_replica_id=choice.replica_id
-        )
+        item = DecodeRequest(work, None, None)
+        async for piece in self._decode(work, item, choice.replica_id, None, trace, StreamProgress()):
+            yield piece
+
+    # ---- decoding, and moving a stream when its decode replica is lost (cluster.migration) ---------
+
+    async def _decode(
+        self,
+        work: WorkerRequest,
+        item: DecodeRequest,
+        replica_id: str | None,
+        result: PrefillResult | None,
+        trace: _Trace,
+        progress: StreamProgress,
+    ) -> AsyncIterator[_Piece]:
+        """Stream ``item`` from a decode replica; when it is lost, resume on another (limit in config)."""
+        num_losses = 0
+        event: MigrationEvent | None = None
+        while True:
+            try:
+                async for chunk in self._decode_stream(item, replica_id, result, trace):
+                    if event is not None and event.outcome == "moving":
+                        event.resumed, event.to_replica = time.time(), chunk.replica_id
+                        event.outcome = "resumed"
+                    piece = _piece_of(chunk)
+                    progress.add(piece[0], piece[1])
+                    yield piece
+                    if chunk.finished:
+                        return
+                raise DecodeReplicaLost(replica_id or "", "the stream ended before its finish", time.time())
+            except DecodeReplicaLost as loss:
+                num_losses += 1
+                event = self.migration.on_loss(work.request_id, loss, progress, num_losses)
+                logger.warning("request %s: %s; migrating (%d)", work.request_id, loss, num_losses)
+                trace.route.reason += f" migrated_from={loss.replica_id}"
+                item, replica_id, result = await self._resume(work, progress, event)
+
+    async def _decode_stream(
+        self, item: DecodeRequest, replica_id: str | None, result: PrefillResult | None, trace: _Trace
+    ) -> AsyncIterator[DecodeChunk]:
+        """One decode replica's stream of ``item`` (``DecodeReplicaLost`` when it breaks or goes silent);
+        releases ``result``'s pinned prefill blocks once the replica pulled them, aborts them otherwise."""
+        is_released = result is None
+        stream = self.decode_stream.generate.remote(item, target_replica_id=replica_id)
         try:
-            async for chunk in stream:
+            timeout_s = self.config.migration.heartbeat_timeout_s
+            async for chunk in watch_decode(stream, timeout_s, replica_id or ""):
                 if chunk.is_transfer_report:
-                    trace.route.decode_replica = chunk.replica_id
-                    trace.route.prefill_replica = chunk.replica_id
-                    trace.queue_ms = (time.perf_counter() - trace.arrival) * 1e3
+                    self._on_transfer(chunk, trace)
+                    if result is not None:
+                        self._notify_prefill("release", result)
+                        is_released = True
                     continue
-                trace.num_cached_tokens = max(trace.num_cached_tokens, chunk.num_cached_tokens)
-                yield _piece_of(chunk)
+                if self.config.is_colocated:
+                    trace.num_cached_tokens = max(trace.num_cached_tokens, chunk.num_cached_tokens)
+                yield chunk
                 if chunk.finished:
                     return
         finally:
             stream.cancel()
+            if not is_released:  # cancelled or failed before the decode side pulled
+                self._notify_prefill("abort", result)
+
+    async def _resume(
+        self, work: WorkerRequest, progress: StreamProgress, event: MigrationEvent
+    ) -> tuple[DecodeRequest, str | None, PrefillResult | None]:
+        """The request again, from what the client has: re-prefill prompt + sent tokens (all but the
+        last) on the prefill pool, or let the decode replica recompute them (colocated)."""
+        resumed = dataclasses.replace(work, request_id=_fresh_id(work.request_id))
+        sent = tuple(progress.token_ids)
+        views = await self._replicas(DECODE_DEPLOYMENT, self.decode)
+        others = [view for view in views if view.replica_id != event.from_replica]
+        decode_views = self.migration.healthy(others) or others  # a suspect, but not the one just lost
+        if not decode_views:
+            logger.warning("request %s: no other decode replica known; Serve picks one", work.request_id)
+        num_blocks = -(-(len(work.prompt_token_ids) + len(sent)) // self.config.engine.block_size)
+        choice = self.policy.choose_decode(num_blocks, decode_views) if decode_views else None
+        target = choice.replica_id if choice is not None else None
+        if self.config.is_colocated or not sent:
+            return DecodeRequest(resumed, None, None, progress.num_chars, sent), target, None
+        prompt = work.prompt_token_ids + sent[:-1]
+        prefill_work = WorkerRequest(
+            resumed.request_id, prompt, RESUME_PREFILL_SAMPLING, work.tenant, time.time(), work.trace_context
+        )
+        prefill_views = await self._replicas(PREFILL_DEPLOYMENT, self.prefill)
+        prefill_choice = self.policy.choose_prefill(prompt, work.tenant, prefill_views, decode_views)
+        result = await self._prefill(prefill_work, prefill_choice.replica_id)
+        if result.handle is None:
+            self._notify_prefill("abort", result)
+            raise self.migration.failed(event, f"the re-prefill ended ({result.finish_reason})")
+        item = DecodeRequest(resumed, sent[-1], result.handle, progress.num_chars, sent[:-1])
+        return item, target, result
+
+    async def _prefill(self, work: WorkerRequest, replica_id: str | None) -> PrefillResult:
+        """Prefill ``work`` on ``replica_id``; a cancel or failure on the way aborts it there."""
+        try:
+            return await self.prefill.prefill.remote(work, target_replica_id=replica_id)
+        except BaseException:
+            self._notify_prefill("abort", None, work.request_id, replica_id)
+            raise
+
+    def _kv_blocks_per_replica(self, pool: str) -> list[int]:
+        """Each replica's ``kv_blocks_total`` in ``pool``, from the load reports (the admission budget)."""
+        deployment = PREFILL_DEPLOYMENT if pool == "prefill" else DECODE_DEPLOYMENT
+        views = REPLICA_DIRECTORY.replicas(deployment)
+        return [view.load.kv_blocks_total for view in views if view.load is not None]
+
+    def _healthy(self, views: list[ReplicaView]) -> list[ReplicaView]:
+        """Decode replicas not under suspicion (cluster.migration); all of them if none is left."""
+        return self.migration.healthy(views) or views
 
     # ---- helpers ----------------------------------------------------------------------------------
 
@@ -221,10 +332,18 @@ class RequestPath:
         return views
 
     def _on_transfer(self, chunk: DecodeChunk, trace: _Trace) -> None:
-        trace.kv_transfer_ms = chunk.kv_transfer_ms
+        """The decode replica's first message: where the request runs and how its KV got there."""
         trace.route.decode_replica = chunk.replica_id
+        if self.config.is_colocated:
+            trace.route.prefill_replica = chunk.replica_id
+            if not trace.queue_ms:
+                trace.queue_ms = (time.perf_counter() - trace.arrival) * 1e3
+            return
+        trace.kv_transfer_ms = chunk.kv_transfer_ms
         trace.route.kv_transport = chunk.kv_transport
         trace.has_kv_transfer = True
+        if trace.ticket is not None:
+            trace.ticket.release_prefill()  # the prefill pool's blocks are unpinned now
 
     def _notify_prefill(
         self,
@@ -278,6 +397,12 @@ class RequestPath:
 def _handle_bytes(handle: KVHandle) -> int:
     """The KV bytes a handle lends: its blocks x block bytes (what a pull moves at most)."""
     return len(handle.block_ids) * handle.layout.bytes_per_token * handle.layout.block_size
+
+
+def _fresh_id(internal_id: str) -> str:
+    """Another internal id for the same client request (``"<client id>#<8 hex>"``): a resumed request
+    is new to the engines it visits."""
+    return f"{internal_id.rpartition('#')[0] or internal_id}#{uuid.uuid4().hex[:8]}"
 
 
 def _piece_of(chunk: DecodeChunk) -> _Piece:

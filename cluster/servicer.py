@@ -24,7 +24,9 @@ from ray.serve.exceptions import (
     gRPCStatusError,
 )
 
+from cluster.admission import AdmissionRefused, NeverFits, retry_after_metadata
 from cluster.attribution import tenant_kv_infos
+from cluster.migration import MigrationFailed
 from cluster.replica_directory import REPLICA_DIRECTORY
 from cluster.request_path import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT, RequestPath
 from cluster.stats import ReplicaLoad
@@ -42,11 +44,17 @@ SERVICE_NAME = "pdserve.v1.PDServe"
 
 
 # Errors told apart by type, never by their text. Checked in this order on the unwrapped cause.
-_RESOURCE_EXHAUSTED: tuple[type[BaseException], ...] = (NoKVSpaceError, OutOfBlocksError, BackPressureError)
+_RESOURCE_EXHAUSTED: tuple[type[BaseException], ...] = (
+    NoKVSpaceError,
+    OutOfBlocksError,
+    BackPressureError,
+    AdmissionRefused,  # cluster.admission: no KV budget, queue full or waited too long
+)
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     RayActorError,  # ActorDiedError and ActorUnavailableError are RayActorErrors
     ReplicaUnavailableError,
     DeploymentUnavailableError,
+    MigrationFailed,  # cluster.migration: a decode replica was lost and the stream could not move
 )
 
 
@@ -70,6 +78,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception raised on the request path, from the cause's type (one line)."""
     cause = unwrap_cause(error)
     message = _first_line(f"{type(cause).__name__}: {cause}")
+    if isinstance(cause, NeverFits):  # cluster.admission: more KV blocks than one replica holds
+        return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
     if isinstance(cause, _RESOURCE_EXHAUSTED):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, message
     if isinstance(cause, _UNAVAILABLE):
@@ -129,7 +139,7 @@ class PDServeServicer:
         except Exception as error:
             code, message = status_for(error)
             logger.warning("request %s failed: %s %s", request.request_id, code.name, message)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=retry_after_metadata(error, code))
         finally:
             await stream.aclose()
 

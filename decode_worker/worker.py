@@ -5,9 +5,10 @@ Queues a request passes through, in order:
 2. Admission on the engine thread: ``allocate_blocks`` reserves local blocks for the prompt's KV.
 3. The pull runs in a helper thread: ``transport.read_blocks(handle, local_ids).wait(timeout)``.
    DONE -> ``add_prefilled_request`` (the sequence joins the continuous batch with its KV in place).
-   FAILED (peer gone, timeout, layout mismatch) -> ``free_allocated`` and ``add_request``: the prompt
-   is recomputed here and the first token, which the client already has, is skipped (sampling is
-   position-seeded, so the recomputed tokens are the ones the prefill side would have produced).
+   FAILED (peer gone, timeout, layout mismatch) -> ``free_allocated`` and ``add_request`` with the
+   output tokens the client already has (``DecodeRequest.known_output_ids``): prompt and those are
+   recomputed here and sampling goes on at the next output position (position-seeded, so the tokens
+   are the ones the prefill side's KV would have produced).
    Either way the engine detokenizes the first token again (a stop string may span it) and drops the
    ``DecodeRequest.num_chars_sent`` characters of text the prefill side already sent.
    The first message ``generate`` yields is the transfer report: the caller then releases the prefill
@@ -20,6 +21,12 @@ Queues a request passes through, in order:
 
 In colocated mode (``DecodeRequest.handle`` and ``first_token_id`` both None) step 3 is just
 ``add_request``: the replica prefills and decodes its own request, no transfer.
+
+A migrated stream (``cluster.migration``) arrives as a ``DecodeRequest`` with ``resumed_output_ids``:
+the engine joins it with those outputs already counted (``add_prefilled_request(earlier_output_ids=)``
+or ``add_request(output_token_ids=)``), so positions, ``max_tokens`` and the text continue.
+While a stream waits (admission, the pull, no new token) ``generate`` yields a heartbeat chunk every
+``heartbeat_interval_s``, so the ingress tells a hung replica (no message at all) from a slow one.
 """
 
 from __future__ import annotations
@@ -50,7 +57,6 @@ T = TypeVar("T")
 @dataclass
 class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
-    skip_first_token: bool = False  # recompute path: the client already has the first token
 
 
 class DecodeWorker:
@@ -68,8 +74,10 @@ class DecodeWorker:
         coalesce_every_streams: int = 8,
         coalesce_max_wait_s: float = 0.1,
         pull_delay_s: float = 0.0,
+        heartbeat_interval_s: float = 0.25,
     ) -> None:
         self.engine = engine
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.pull_delay_s = pull_delay_s  # test hook (kv_transfer.test_pull_delay_s): 0 in production
         self.coalesce_every_streams = coalesce_every_streams
         self.coalesce_max_wait_s = coalesce_max_wait_s
@@ -92,17 +100,30 @@ class DecodeWorker:
         stream = _Stream()
         self._streams[request_id] = stream
         is_finished = False
+        admission = asyncio.ensure_future(self._admit(work, stream))
         try:
-            yield await self._admit(work, stream)
+            while not admission.done():  # a pull may take up to the transfer timeout: stay heard
+                await asyncio.wait((admission,), timeout=self.heartbeat_interval_s)
+                if not admission.done():
+                    yield self._heartbeat()
+            yield admission.result()
             while not is_finished:
-                chunk = self._coalesce(await self._next_items(stream), stream)
+                items = await self._next_items(stream)
+                if not items:
+                    yield self._heartbeat()
+                    continue
+                chunk = self._coalesce(items, stream)
                 is_finished = chunk.finished
                 if chunk.token_ids or chunk.text or is_finished:
                     yield chunk
         finally:
+            admission.cancel()
             self._streams.pop(request_id, None)
             if not is_finished:  # cancelled or failed: abort frees running blocks and reserved ones alike
                 self.engine_loop.call(lambda engine: engine.abort_request(request_id))
+
+    def _heartbeat(self) -> DecodeChunk:
+        return DecodeChunk([], replica_id=self.worker_id, is_heartbeat=True)
 
     def live_request_ids(self) -> set[str]:
         """Requests whose client stream is open (any thread: copied whole; the KV review's orphans are the
@@ -125,18 +146,17 @@ class DecodeWorker:
         params = request.sampling.to_engine(work.num_chars_sent)
         prompt = list(request.prompt_token_ids)
         started = time.perf_counter()
+        known = list(work.known_output_ids)  # recomputed with the prompt; sampling goes on after them
         if work.handle is None or work.first_token_id is None:
             await self._call(
-                lambda engine: engine.add_request(request.request_id, prompt, params, tenant=request.tenant)
+                lambda engine: engine.add_request(
+                    request.request_id, prompt, params, tenant=request.tenant, output_token_ids=known
+                )
             )
             return DecodeChunk(
-                [],
-                replica_id=self.worker_id,
-                is_transfer_report=True,
-                kv_transport="",
-                num_prompt_tokens=len(prompt),
+                [], replica_id=self.worker_id, is_transfer_report=True, num_prompt_tokens=len(prompt)
             )
-        handle, first_token_id = work.handle, work.first_token_id
+        handle, first_token_id, earlier = work.handle, work.first_token_id, list(work.resumed_output_ids)
 
         def allocate(engine: WorkerEngine) -> list[int]:
             num_blocks = len(handle.block_ids)
@@ -154,30 +174,32 @@ class DecodeWorker:
         if error is None:
             await self._call(
                 lambda engine: engine.add_prefilled_request(
-                    request.request_id, prompt, first_token_id, local_ids, params, tenant=request.tenant
+                    request.request_id,
+                    prompt,
+                    first_token_id,
+                    local_ids,
+                    params,
+                    tenant=request.tenant,
+                    earlier_output_ids=earlier,
                 )
             )
             kv_transport = self.backend
         else:
             logger.warning("KV pull for %s failed (%s): recomputing the prompt", request.request_id, error)
             self.num_recomputed += 1
-            stream.skip_first_token = True
 
             def recompute(engine: WorkerEngine) -> None:
                 engine.free_allocated(request.request_id)
-                engine.add_request(request.request_id, prompt, params, tenant=request.tenant)
+                engine.add_request(
+                    request.request_id, prompt, params, tenant=request.tenant, output_token_ids=known
+                )
 
             await self._call(recompute)
             kv_transport = "recompute"
         return DecodeChunk(
-            [],
-            replica_id=self.worker_id,
-            is_transfer_report=True,
-            kv_transport=kv_transport,
-            kv_transfer_ms=transfer_ms,
-            num_prompt_tokens=len(prompt),
-            error=error,
-        )
+            [], replica_id=self.worker_id, is_transfer_report=True, kv_transport=kv_transport,
+            kv_transfer_ms=transfer_ms, num_prompt_tokens=len(prompt), error=error,
+        )  # fmt: skip
 
     def _pull(self, handle: KVHandle, local_ids: list[int]) -> str | None:
         """Pull ``handle``'s blocks into ``local_ids`` (helper thread); the error text, or None when DONE."""
@@ -204,9 +226,14 @@ class DecodeWorker:
         With N streams open on this replica a message waits for ``ceil(N / coalesce_every_streams)``
         tokens (or ``coalesce_max_wait_s``, or the finish): one token per message up to that many
         streams, fewer messages per token above it, so per-message costs (Ray stream item, gRPC
-        message) shrink exactly when the replica is busiest.
+        message) shrink exactly when the replica is busiest. Nothing for ``heartbeat_interval_s``: an
+        empty list (the caller sends a heartbeat).
         """
-        items = [await stream.queue.get()]
+        try:
+            async with asyncio.timeout(self.heartbeat_interval_s):
+                items = [await stream.queue.get()]
+        except TimeoutError:
+            return []  # nothing for a heartbeat interval: the caller sends a heartbeat
         target = -(-len(self._streams) // self.coalesce_every_streams)
         if target <= 1:
             return items
@@ -229,11 +256,7 @@ class DecodeWorker:
         for item in items:
             if isinstance(item, BaseException):
                 raise item
-            token_ids = list(item.new_token_ids)
-            if stream.skip_first_token and token_ids:
-                token_ids = token_ids[1:]
-                stream.skip_first_token = False
-            chunk.token_ids.extend(token_ids)
+            chunk.token_ids.extend(item.new_token_ids)
             chunk.text += item.new_text or ""  # the engine already dropped the text prefill sent
             chunk.num_cached_tokens = max(chunk.num_cached_tokens, int(item.num_cached_tokens or 0))
             if item.finished:

@@ -40,6 +40,13 @@ def _seed_from_request_id(request_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
 
 
+def _resume(seq: Sequence, output_token_ids: Seq[int]) -> None:
+    """Give a new ``seq`` the output tokens another engine already reported (none: a fresh request)."""
+    if output_token_ids:
+        seq.token_ids.extend(int(t) for t in output_token_ids)
+        seq.num_reported_tokens = len(output_token_ids)
+
+
 class LLMEngine:
     """Add requests, ``step()``, collect ``RequestOutput``s. See docs/interfaces.md ("## engine")."""
 
@@ -137,11 +144,15 @@ class LLMEngine:
         params: SamplingParams | None = None,
         tenant: str = "",
         prefill_only: bool = False,
+        output_token_ids: Seq[int] = (),
     ) -> None:
         """Queue a request. ``prefill_only``: leave after the first token (``PREFILLED``, or the reason that
-        token ends it) with the blocks pinned until ``release_pinned``."""
+        token ends it) with the blocks pinned until ``release_pinned``. ``output_token_ids``: a request
+        resumed here (migrated): the output tokens already reported elsewhere; prompt and those are
+        computed, and the next token is output position ``len(output_token_ids)`` (position-seeded)."""
         seq = self._new_sequence(request_id, prompt_token_ids, params or SamplingParams(), tenant)
         seq.prefill_only = prefill_only
+        _resume(seq, output_token_ids)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -217,23 +228,27 @@ class LLMEngine:
         block_ids: Seq[int],
         params: SamplingParams | None = None,
         tenant: str = "",
+        earlier_output_ids: Seq[int] = (),
     ) -> None:
         """Join the running batch with the prompt's KV already in ``block_ids`` (from ``allocate_blocks``).
 
         ``first_token_id`` (output position 0) was sampled and reported by the prefill side; this engine
-        reports output positions 1 on.
+        reports output positions 1 on. A migrated request passes the output tokens reported before it as
+        ``earlier_output_ids``: ``block_ids`` then hold the KV of prompt + those, ``first_token_id`` is
+        the last token reported (position ``len(earlier_output_ids)``), and this engine goes on after it.
         """
         reserved = self._allocated.get(request_id)
         if reserved is None or list(block_ids) != reserved:
             raise ValueError(f"block_ids of {request_id!r} must be the blocks allocate_blocks returned")
         seq = self._new_sequence(request_id, prompt_token_ids, params or SamplingParams(), tenant)
+        _resume(seq, earlier_output_ids)
         if len(block_ids) != self.scheduler.blocks_for(seq.num_tokens):
             raise ValueError(f"{len(block_ids)} blocks do not hold exactly {seq.num_tokens} prompt tokens")
         del self._allocated[request_id]
         seq.block_ids = list(block_ids)
         seq.num_computed_tokens = seq.num_tokens
         seq.token_ids.append(int(first_token_id))
-        seq.num_reported_tokens = 1
+        seq.num_reported_tokens = seq.num_output_tokens
         self._requests[request_id] = seq
         self.scheduler.add_running(seq)
         reason = self._check_stop(seq)

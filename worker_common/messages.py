@@ -157,6 +157,16 @@ class DecodeRequest:
     first_token_id: int | None  # None in colocated mode: the decode replica prefills itself
     handle: KVHandle | None
     num_chars_sent: int = 0  # len(PrefillResult.first_text): the decode engine does not emit them again
+    # A migrated stream (cluster.migration): the output tokens the client already has before
+    # first_token_id (all of them when first_token_id is None); the KV of prompt + these is in ``handle``
+    # (or is recomputed), and num_chars_sent counts their text too.
+    resumed_output_ids: tuple[int, ...] = ()
+
+    @property
+    def known_output_ids(self) -> tuple[int, ...]:
+        """Every output token the client already has (resumed ones, then the first token)."""
+        first = () if self.first_token_id is None else (self.first_token_id,)
+        return self.resumed_output_ids + first
 
 
 @dataclass
@@ -176,3 +186,4 @@ class DecodeChunk:
     queue_ms: float = 0.0
     prefill_ms: float = 0.0  # colocated / recompute only
     error: str | None = None
+    is_heartbeat: bool = False  # no tokens: "this replica is alive" while a stream waits (cluster.migration)

@@ -44,6 +44,7 @@ class WorkerEngine(Protocol):
         params: SamplingParams | None = None,
         tenant: str = "",
         prefill_only: bool = False,
+        output_token_ids: Sequence[int] = (),
     ) -> None: ...
 
     def abort_request(self, request_id: str) -> None:
@@ -68,6 +69,7 @@ class WorkerEngine(Protocol):
         block_ids: Sequence[int],
         params: SamplingParams | None = None,
         tenant: str = "",
+        earlier_output_ids: Sequence[int] = (),
     ) -> None: ...
 
     def free_allocated(self, request_id: str) -> None: ...

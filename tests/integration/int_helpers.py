@@ -49,6 +49,17 @@ def cluster_config(
     return base.override(merged) if merged else base
 
 
+def reliability_config() -> ClusterConfig:
+    """The cluster test_int_admission and test_int_migration share (one deployment for both): 1 prefill
+    + 2 decode replicas; an admission queue of 4 for 6 s; suspects forgotten after 3 s, so the SIGKILL
+    case finds both decode replicas in use again after the SIGSTOP case."""
+    return cluster_config(
+        1,
+        2,
+        {"admission.max_queue": 4, "admission.max_queue_wait_s": 6.0, "migration.suspect_s": 3.0},
+    )
+
+
 @cache
 def _reference_model():
     from engine.builtin import build_builtin_hf_model

@@ -48,6 +48,7 @@ class FakeEngine:
         params: SamplingParams | None = None,
         tenant: str = "",
         prefill_only: bool = False,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
         self.calls.append(("add_request", request_id))
         self.queue.append((request_id, len(prompt_token_ids)))
@@ -75,6 +76,7 @@ class FakeEngine:
         block_ids: Sequence[int],
         params: SamplingParams | None = None,
         tenant: str = "",
+        earlier_output_ids: Sequence[int] = (),
     ) -> None:
         self.add_request(request_id, prompt_token_ids)
 
