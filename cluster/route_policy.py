@@ -2,7 +2,8 @@
 
 ``RoutePolicy`` is fed the replica set and their load reports (``ReplicaView``) and answers with a
 ``RouteChoice(replica_id, reason)``. It delegates to the torch-free ``router.Router`` (policy from the
-config: prefix_hash, round_robin, least_loaded, consistent_hash). ``replica_id`` None means "let the
+config: cache_aware (default: the prefill replicas' prefix summaries against their queues),
+prefix_hash, round_robin, least_loaded, consistent_hash). ``replica_id`` None means "let the
 Serve router pick" (the ingress has not seen the pool's replicas yet).
 """
 
@@ -16,6 +17,7 @@ from cluster.replica_directory import ReplicaView
 from router.config import RouterConfig
 from router.load import LoadReport
 from router.router import Router
+from router.summary import PrefixSummary
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class RoutePolicy:
         replicas: list[ReplicaView],
         decode: list[ReplicaView],
     ) -> RouteChoice:
-        """The prefill replica for a prompt: its prefix's ring owner unless that one is too loaded."""
+        """The prefill replica for a prompt (cache_aware: where its prefix is cached, unless that costs
+        more than a copy elsewhere; a prefix nobody holds: its ring owner)."""
         if not replicas:
             return RouteChoice(None, "serve_default")
         self._sync(replicas, decode)
@@ -91,4 +94,5 @@ def _load_report(view: ReplicaView) -> LoadReport | None:
         free_kv_blocks=load.kv_blocks_allocatable,
         total_kv_blocks=load.kv_blocks_total,
         reported_at=load.reported_at,
+        prefix_summary=None if load.prefix_summary is None else PrefixSummary(*load.prefix_summary),
     )

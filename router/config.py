@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RouterPolicy = Literal["prefix_hash", "round_robin", "least_loaded", "consistent_hash"]
+RouterPolicy = Literal["cache_aware", "prefix_hash", "round_robin", "least_loaded", "consistent_hash"]
 """The router's policies: the one list of their names."""
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -34,7 +34,10 @@ class RouterConfig(BaseModel):
     """How the router picks prefill and decode workers (the cluster YAML's ``router:`` section).
 
     Attributes:
-        policy: ``"prefix_hash"`` (ring owner of the prompt's prefix key, load-watermark fallback),
+        policy: ``"cache_aware"`` (default: expected cached tokens from the workers' prefix summaries
+            against their queued work, ring for prefixes nobody holds, hot prefixes split; see
+            docs/router.md), ``"prefix_hash"`` (ring owner of the prompt's prefix key, load-watermark
+            fallback),
             ``"round_robin"``, ``"least_loaded"`` (fewest queued prefill tokens) or
             ``"consistent_hash"`` (ring owner always, no load fallback; a baseline).
         block_size: tokens per KV block; must equal the engine's block size so the prefix key is
@@ -50,11 +53,24 @@ class RouterConfig(BaseModel):
         low_load_factor: relative low watermark; below ``high_load_factor`` when that is on.
         hash_seed: seeds the ring's virtual-node positions; every ingress replica must use the same.
         load_report_period_s: how often replicas publish the load reports the router reads.
+        replicate_margin_tokens: cache_aware: a prompt leaves the holders of its prefix (a new copy
+            goes along the ring) only when the best holder's cost exceeds the cheapest worker's by
+            more than this (cost = queued tokens + uncached prompt tokens).
+        replicate_margin_factor: cache_aware: the margin above is at most this many times the
+            tokens the holders have cached (a short shared preamble is no reason to queue); 0: off
+            (the default: on the Mooncake replay any factor up to 16 cost hit rate).
+        split_margin_tokens: cache_aware: another holder of the prefix takes the prompt instead of
+            the primary (first holder along the ring) only when it is cheaper by more than this.
+        new_prefix_slack_tokens: cache_aware: a prefix nobody holds goes to the first worker along
+            its ring walk whose cost is within this of the cheapest.
+        summary_max_keys: cap on the probe keys a worker publishes in one summary.
+        summary_period_s: how often a worker rebuilds its summary (between rebuilds it re-sends the
+            same one).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    policy: RouterPolicy = "prefix_hash"
+    policy: RouterPolicy = "cache_aware"
     block_size: PositiveInt = 16
     prefix_depth_blocks: PositiveInt = 4
     virtual_nodes: PositiveInt = 256
@@ -64,6 +80,12 @@ class RouterConfig(BaseModel):
     low_load_factor: NonNegative = 1.2
     hash_seed: str = Field("pdserve/ring/v1", min_length=1)
     load_report_period_s: Annotated[float, Field(gt=0)] = 0.2
+    replicate_margin_tokens: Annotated[int, Field(ge=0)] = 49152
+    replicate_margin_factor: NonNegative = 0.0
+    split_margin_tokens: Annotated[int, Field(ge=0)] = 4096
+    new_prefix_slack_tokens: Annotated[int, Field(ge=0)] = 0
+    summary_max_keys: PositiveInt = 4096
+    summary_period_s: Annotated[float, Field(gt=0)] = 1.0
 
     @model_validator(mode="after")
     def _check_watermarks(self) -> RouterConfig:

@@ -20,6 +20,10 @@ class RouteReason(str, Enum):
     LEAST_LOADED = "least_loaded"  # all above the watermark, no prefix key, or the least_loaded policy
     ROUND_ROBIN = "round_robin"  # the round_robin policy, or no load reports to decide on
     KV_HEADROOM = "kv_headroom"  # decode: the worker with the most free KV blocks that fits the request
+    # cache_aware policy (router/cache_aware.py):
+    PREFIX_CACHE = "prefix_cache"  # the worker holding the prompt's deepest cached prefix (its primary)
+    CACHE_SPLIT = "cache_split"  # another holder of that prefix: a hot prefix's traffic split
+    REPLICATE = "replicate"  # every holder too loaded: a new copy on the next worker along the ring
 
 
 class PrefillChoice(NamedTuple):
@@ -30,11 +34,14 @@ class PrefillChoice(NamedTuple):
         reason: why it was chosen.
         prefix_key: the prompt's prefix key (chain hash of its leading full blocks, salted by tenant),
             or None when the prompt has no full block (nothing cacheable to route by).
+        expected_cached_tokens: the cache_aware policy's estimate of the prompt tokens the chosen
+            worker holds (from its prefix summary; 0 for the other policies).
     """
 
     worker_id: str
     reason: RouteReason
     prefix_key: BlockHash | None
+    expected_cached_tokens: int = 0
 
 
 class DecodeChoice(NamedTuple):

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from router.config import RouterConfig
+from router.summary import PrefixSummary
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class LoadReport:
         total_kv_blocks: size of its KV pool in blocks.
         reported_at: when the report was taken (seconds, any clock the worker keeps monotonic); a
             report not newer than the one held for the same worker is ignored.
+        prefix_summary: the probe keys of the prefixes the worker holds (``router.summary``), with a
+            generation the worker bumps when they change (the router re-reads the keys only then),
+            or None when the worker publishes none (the router then knows nothing of its cache).
     """
 
     worker_id: str
@@ -35,6 +39,7 @@ class LoadReport:
     free_kv_blocks: int
     total_kv_blocks: int
     reported_at: float
+    prefix_summary: PrefixSummary | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker_id, str) or not self.worker_id:
@@ -67,6 +72,11 @@ class LoadTable:
         # Sent since the worker's last report: [queued prefill tokens, running requests, kv blocks].
         self._pending: dict[str, list[int]] = {}
         self._hot: set[str] = set()
+        # Prefix summaries: the tuple last reported, and the set the router matches against (the
+        # summary plus the probe keys the router has itself sent there since; see ``note_sent``).
+        self._summary_generations: dict[str, int] = {}
+        self._summary_sizes: dict[str, int] = {}
+        self.held: dict[str, set[int]] = {}
         self.set_workers(worker_ids)
 
     @property
@@ -83,7 +93,12 @@ class LoadTable:
         self._reports = {w: r for w, r in self._reports.items() if w in keep}
         self._pending = {w: p for w, p in self._pending.items() if w in keep}
         self._hot &= keep
-        self._total_queued = sum(self.queued_tokens(w) for w in members)
+        self._summary_generations = {w: g for w, g in self._summary_generations.items() if w in keep}
+        self.held = {w: self.held.get(w, set()) for w in members}
+        # queued[w]: reported queued prefill tokens plus what was sent since (a plain dict: read on
+        # every decision)
+        self.queued = {w: self._reported_queued(w) for w in members}
+        self._total_queued = sum(self.queued.values())
 
     def update(self, report: LoadReport) -> bool:
         """Store a report (dropping the local estimate) and update that worker's hot/cool state.
@@ -101,9 +116,24 @@ class LoadTable:
         self._total_queued -= self.queued_tokens(worker_id)
         self._reports[worker_id] = report
         self._pending.pop(worker_id, None)
+        self.queued[worker_id] = report.queued_prefill_tokens
         self._total_queued += report.queued_prefill_tokens
         self._update_state(worker_id)
+        summary = report.prefix_summary
+        if summary is not None and summary.generation != self._summary_generations.get(worker_id):
+            self._summary_generations[worker_id] = summary.generation
+            self._summary_sizes[worker_id] = len(summary.keys)
+            self.held[worker_id] = set(summary.keys)
         return True
+
+    def note_sent(self, worker_id: str, probe_keys: list[int]) -> None:
+        """Count ``probe_keys`` as held by ``worker_id`` until its next changed summary (the router
+        has just sent it a prompt with them: its next turns should follow it even before a report)."""
+        self.held[worker_id].update(probe_keys)
+
+    def summary_size(self, worker_id: str) -> int:
+        """Keys in the worker's last reported summary (0 if none)."""
+        return self._summary_sizes.get(worker_id, 0) if worker_id in self._summary_generations else 0
 
     def debit(
         self, worker_id: str, queued_tokens: int = 0, running_requests: int = 0, kv_blocks: int = 0
@@ -116,6 +146,7 @@ class LoadTable:
         pending[1] += running_requests
         pending[2] += kv_blocks
         self._total_queued += queued_tokens
+        self.queued[worker_id] += queued_tokens
         self._update_state(worker_id)
 
     def _update_state(self, worker_id: str) -> None:
@@ -137,6 +168,11 @@ class LoadTable:
     def is_hot(self, worker_id: str) -> bool:
         """Whether the worker is above its watermark (entered above high, not yet below low)."""
         return worker_id in self._hot
+
+    def _reported_queued(self, worker_id: str) -> int:
+        report = self._reports.get(worker_id)
+        pending = self._pending.get(worker_id)
+        return (report.queued_prefill_tokens if report else 0) + (pending[0] if pending else 0)
 
     def queued_tokens(self, worker_id: str) -> int:
         """Reported queued prefill tokens plus what was sent since (0 if never reported)."""

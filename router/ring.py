@@ -25,6 +25,15 @@ def ring_position(key: bytes) -> int:
     return int.from_bytes(key[:8], "little")
 
 
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads an int key's bits over the ring
+
+
+def int_key_position(key: int) -> int:
+    """Ring position of an int key (a probe key of ``router.summary``): its bits mixed, 64 bits."""
+    return ((key & _MASK) * _GOLDEN) & _MASK
+
+
 def _point(seed: bytes, worker_id: str, index: int) -> int:
     digest = hashlib.blake2b(
         seed + b"|" + worker_id.encode("utf-8") + b"#" + str(index).encode(), digest_size=8
@@ -75,6 +84,7 @@ class HashRing:
         )
         self._positions = [position for position, _ in points]
         self._owners = [worker_id for _, worker_id in points]
+        self._orders = self._walk_orders()  # walk order from each point (walk_from_position)
 
     def _index(self, key: bytes) -> int:
         positions = self._positions
@@ -84,6 +94,36 @@ class HashRing:
         position = int.from_bytes(key[:8], "little") if len(key) >= 8 else ring_position(key)
         index = bisect.bisect_left(positions, position)
         return 0 if index == len(positions) else index
+
+    def walk_from_position(self, position: int) -> tuple[str, ...]:
+        """:meth:`walk` from a 64-bit ring position instead of a key (an int key's mixed bits), as a
+        tuple of distinct workers (precomputed per ring point by ``set_workers``)."""
+        positions = self._positions
+        if not positions:
+            return ()
+        start = bisect.bisect_left(positions, position & _MASK)
+        return self._orders[0 if start == len(positions) else start]
+
+    def _walk_orders(self) -> list[tuple[str, ...]]:
+        """Distinct workers in ring order from each point: order(i) = owner(i), then order(i + 1)
+        without it (one backward pass; O(points x workers))."""
+        owners = self._owners
+        num_points = len(owners)
+        if not num_points:
+            return []
+        seen: dict[str, None] = {}
+        for offset in range(num_points):  # order(0), scanning clockwise with wrap-around
+            seen.setdefault(owners[offset], None)
+            if len(seen) == len(self._workers):
+                break
+        orders: list[tuple[str, ...]] = [()] * num_points
+        following = tuple(seen)
+        for index in range(num_points - 1, -1, -1):
+            owner = owners[index]
+            if following[0] != owner:
+                following = (owner, *(w for w in following if w != owner))
+            orders[index] = following
+        return orders
 
     def owner(self, key: bytes) -> str:
         """The worker owning ``key``. Raises ``LookupError`` on an empty ring."""

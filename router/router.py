@@ -20,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from engine.block_hash import BlockHash
+from router.cache_aware import CacheAwarePolicy
 from router.config import RouterConfig
 from router.decisions import DecodeChoice, PrefillChoice, RouteDecision, RouteReason
 from router.load import LoadReport, LoadTable
 from router.policies import make_policy
 from router.prefix import PrefixKeyer
 from router.ring import HashRing
+from router.summary import depth_tokens, probe_keys
 
 
 class NoWorkerError(LookupError):
@@ -41,7 +43,9 @@ class Router:
         self._ring = HashRing(virtual_nodes=self.config.virtual_nodes, seed=self.config.hash_seed)
         self._prefill_loads = LoadTable(self.config)
         self._decode_loads = LoadTable(self.config)
-        self._policy = make_policy(self.config.policy)
+        self._cache_aware = CacheAwarePolicy(self.config) if self.config.policy == "cache_aware" else None
+        self._policy = make_policy("prefix_hash" if self._cache_aware else self.config.policy)
+        self._depths = depth_tokens(self.config.block_size, 64)  # tokens at probe depth j + 1
         self._decode_turn = 0  # round-robin position over unreported decode workers
 
     # -- membership and load -------------------------------------------------------------------
@@ -85,10 +89,32 @@ class Router:
     def choose_prefill(self, prompt_token_ids: Sequence[int], tenant: str = "") -> PrefillChoice:
         """Pick the prefill worker for a prompt and count the prompt against it until its next report.
 
-        Raises ``NoWorkerError`` if the prefill pool is empty.
+        Raises ``NoWorkerError`` if the prefill pool is empty. The cache_aware policy keys by the
+        prompt's probe keys (``router.summary``) and leaves ``prefix_key`` None.
         """
+        if self._cache_aware is not None:
+            probes = probe_keys(prompt_token_ids, self.config.block_size, tenant)
+            return self.choose_prefill_by_probes(probes, len(prompt_token_ids))
         key = self._keyer.key(prompt_token_ids, tenant)
         return self.choose_prefill_by_key(key, len(prompt_token_ids))
+
+    def choose_prefill_by_probes(self, probes: list[int], num_prompt_tokens: int) -> PrefillChoice:
+        """cache_aware: :meth:`choose_prefill` with the probe keys already computed (a replay of
+        per-block ids computes them with ``router.summary.probe_keys(ids, 1)``). The chosen worker is
+        charged the prompt's expected uncached tokens, and counted as holding its probe keys."""
+        if self._cache_aware is None:
+            raise ValueError(f"choose_prefill_by_probes needs policy cache_aware, not {self.config.policy}")
+        loads = self._prefill_loads
+        if not loads.worker_ids:
+            raise NoWorkerError("no prefill workers")
+        depths = self._depths
+        worker_id, reason, cached = self._cache_aware.choose(
+            probes, depths, num_prompt_tokens, self._ring, loads
+        )
+        cached = min(cached, max(0, num_prompt_tokens - 1))
+        loads.debit(worker_id, queued_tokens=num_prompt_tokens - cached, running_requests=1)
+        loads.note_sent(worker_id, probes)
+        return PrefillChoice(worker_id, reason, None, cached)
 
     def choose_prefill_by_key(self, prefix_key: BlockHash | None, num_prompt_tokens: int) -> PrefillChoice:
         """:meth:`choose_prefill` with the key already computed (replays, or a key the caller keeps)."""

@@ -7,6 +7,13 @@ Two formats are recognised by content (not by file name):
   512-token block; the ids are chained prefix hashes, so an id recurs only after the same prefix).
 - **Azure CSV** (Azure LLM inference traces 2023): header ``TIMESTAMP,ContextTokens,GeneratedTokens``
   with wall-clock timestamps; they are made relative to the first row.
+- **AIBrix prefix-share JSONL** (vllm-project/aibrix workload generator): one JSON object per line
+  with ``timestamp`` (ms) and ``requests``, a list of ``{"prompt", "Prompt Length", "Output Length"}``.
+  The prompts are text; :func:`_aibrix_hash_ids` cuts each into blocks of ``AIBRIX_BLOCK_TOKENS``
+  tokens' worth of characters (one fixed characters-per-token ratio for the whole file, so that
+  prompts sharing a text prefix share their leading blocks) and numbers each distinct chained text
+  prefix, as Mooncake's ``hash_ids`` do. No tokenizer is involved: block boundaries are approximate
+  (~4.9 characters a token in the file), the sharing structure is exact.
 
 Traces carry no token ids. :func:`synthesize_prompt` makes them: one deterministic pseudo-random
 block of tokens per hash id (so requests sharing hash ids share a token prefix, across processes and
@@ -27,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake traces
+AIBRIX_BLOCK_TOKENS = 16  # tokens per hash id made for AIBrix prompts (the engine's block size)
 AZURE_HEADER = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _EPOCH = datetime(1970, 1, 1)
 
@@ -67,6 +75,8 @@ def load_trace(path: str | Path) -> list[TraceRecord]:
     first = next((line.strip() for line in lines if line.strip()), None)
     if first is None:
         raise TraceFormatError(f"{path}: empty trace file")
+    if first.startswith("{") and '"requests"' in first:
+        return _load_aibrix(path, lines)
     if first.startswith("{"):
         return _load_mooncake(path, lines)
     header = tuple(cell.strip() for cell in first.lstrip("\ufeff").split(","))
@@ -118,6 +128,58 @@ def _load_mooncake(path: Path, lines: list[str]) -> list[TraceRecord]:
             TraceRecord(timestamp_ms / 1000.0, input_length, output_length, hash_ids, len(records))
         )
     return records
+
+
+def trace_block_tokens(path: str | Path) -> int:
+    """Tokens per hash id of the trace's format (AIBrix: ``AIBRIX_BLOCK_TOKENS``; else Mooncake's)."""
+    with Path(path).open("r", encoding="utf-8") as handle:
+        first = next((line.strip() for line in handle if line.strip()), "")
+    return AIBRIX_BLOCK_TOKENS if first.startswith("{") and '"requests"' in first else MOONCAKE_BLOCK_TOKENS
+
+
+def _aibrix_hash_ids(
+    prompt: str, num_tokens: int, chars_per_block: float, ids: dict[bytes, int]
+) -> tuple[int, ...]:
+    """Block ids of a text prompt: block ``i`` is characters ``[i*c, (i+1)*c)``; its id numbers the
+    chained BLAKE2b of the text up to its end (first seen, first numbered), so ids are shared exactly
+    by prompts sharing that text prefix. The last, partial block of text gets an id too; blocks the
+    token count asks for beyond the text get fresh ids."""
+    num_blocks = max(1, -(-num_tokens // AIBRIX_BLOCK_TOKENS))
+    digest = hashlib.blake2b(b"pdserve/aibrix-blocks/v1", digest_size=16)
+    block_ids = []
+    for index in range(num_blocks):
+        chunk = prompt[round(index * chars_per_block) : round((index + 1) * chars_per_block)]
+        if not chunk:  # past the text: unique to this prompt
+            digest.update(b"\x00" + str(index).encode() + b"|" + prompt.encode("utf-8"))
+        digest.update(chunk.encode("utf-8"))
+        key = digest.copy().digest()
+        block_ids.append(ids.setdefault(key, len(ids)))
+    return tuple(block_ids)
+
+
+def _load_aibrix(path: Path, lines: list[str]) -> list[TraceRecord]:
+    rows: list[tuple[float, str, int, int]] = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            timestamp_s = float(obj["timestamp"]) / 1000.0
+            for request in obj["requests"]:
+                rows.append((timestamp_s, str(request["prompt"]), int(request["Prompt Length"]),
+                             int(request["Output Length"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise TraceFormatError(f"{path}:{line_number}: bad AIBrix record ({error})") from None
+    total_chars = sum(len(prompt) for _, prompt, _, _ in rows)
+    total_tokens = sum(tokens for _, _, tokens, _ in rows)
+    if not rows or total_tokens <= 0:
+        raise TraceFormatError(f"{path}: no AIBrix requests with tokens")
+    chars_per_block = total_chars / total_tokens * AIBRIX_BLOCK_TOKENS
+    ids: dict[bytes, int] = {}
+    return [
+        TraceRecord(stamp, tokens, output, _aibrix_hash_ids(prompt, tokens, chars_per_block, ids), index)
+        for index, (stamp, prompt, tokens, output) in enumerate(rows)
+    ]
 
 
 def _parse_azure_time(text: str) -> float:

@@ -8,6 +8,7 @@ See docs/router.md for the cost model and the choice of defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -16,10 +17,10 @@ from dataclasses import asdict, dataclass
 import click
 
 from router.config import RouterConfig
-from router.replay.decision_bench import run_decision_bench
+from router.replay.decision_bench import run_cache_aware_bench, run_decision_bench
 from router.replay.policies import POLICY_NAMES, make_replay_policy
 from router.replay.simulator import CostModel, PolicyResult, ideal_hit_rate, simulate, to_sim_requests
-from router.traces import MOONCAKE_BLOCK_TOKENS, load_trace
+from router.traces import load_trace, trace_block_tokens
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ReplaySettings:
     policy: tuple[str, ...]
     json: bool
     limit: int | None
-    block_tokens: int
+    block_tokens: int | None
     utilization: float
     prefill_tokens_per_s: float | None
     overhead_ms: float
@@ -41,6 +42,11 @@ class ReplaySettings:
     low_watermark_tokens: int
     high_load_factor: float
     low_load_factor: float
+    replicate_margin_tokens: int
+    split_margin_tokens: int
+    new_prefix_slack_tokens: int
+    summary_period_s: float
+    summary_max_keys: int
     skip_decision_bench: bool
     bench_prompts: int
 
@@ -75,7 +81,12 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
 )
 @click.option("--json", is_flag=True, help="print JSON instead of a table")
 @click.option("--limit", type=int, default=None, help="replay only the first N requests")
-@click.option("--block-tokens", type=int, default=MOONCAKE_BLOCK_TOKENS, help="tokens per block id")
+@click.option(
+    "--block-tokens",
+    type=int,
+    default=None,
+    help="tokens per block id (default: the trace's own: Mooncake 512, AIBrix 16, Azure 512)",
+)
 # cost model
 @click.option(
     "--utilization",
@@ -126,6 +137,36 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
     default=1.2,
     help="pdserve policy: relative low watermark x pool mean",
 )
+@click.option(
+    "--replicate-margin-tokens",
+    type=int,
+    default=RouterConfig().replicate_margin_tokens,
+    help="pdserve (cache_aware): leave a prefix's holders only when this much cheaper elsewhere",
+)
+@click.option(
+    "--split-margin-tokens",
+    type=int,
+    default=RouterConfig().split_margin_tokens,
+    help="pdserve (cache_aware): another holder takes a prompt from the primary when this much cheaper",
+)
+@click.option(
+    "--new-prefix-slack-tokens",
+    type=int,
+    default=RouterConfig().new_prefix_slack_tokens,
+    help="pdserve (cache_aware): a new prefix takes the first ring worker within this of the cheapest",
+)
+@click.option(
+    "--summary-period-s",
+    type=float,
+    default=RouterConfig().summary_period_s,
+    help="pdserve (cache_aware): simulated seconds between two summary rebuilds of a worker",
+)
+@click.option(
+    "--summary-max-keys",
+    type=int,
+    default=RouterConfig().summary_max_keys,
+    help="pdserve (cache_aware): cap on the probe keys in one worker's summary",
+)
 # decision micro-benchmark
 @click.option("--skip-decision-bench", is_flag=True, help="do not run the decision micro-benchmark")
 @click.option(
@@ -153,7 +194,13 @@ def pdserve_config(args: ReplaySettings) -> RouterConfig:
         low_watermark_tokens=args.low_watermark_tokens,
         high_load_factor=args.high_load_factor,
         low_load_factor=args.low_load_factor,
+        replicate_margin_tokens=args.replicate_margin_tokens,
+        split_margin_tokens=args.split_margin_tokens,
+        new_prefix_slack_tokens=args.new_prefix_slack_tokens,
+        summary_max_keys=args.summary_max_keys,
     )
+
+
 
 
 def vs_ideal(result: PolicyResult) -> str:
@@ -170,7 +217,7 @@ def format_table(results: list[PolicyResult]) -> str:
         lines.append(
             f"{r.policy:<20} {r.block_hit_rate:>8.3f} {r.ideal_hit_rate:>6.3f} {vs_ideal(r):>8} "
             f"{r.load_max_over_mean:>13.2f} {r.requests_max_over_mean:>12.2f} {r.queue_delay_p50_s:>11.2f} "
-            f"{r.queue_delay_p99_s:>11.2f} {r.ttft_p99_s:>10.2f} {r.decisions_per_s:>11,.0f}"
+            f"{r.queue_delay_p99_s:>11.2f} {r.ttft_p99_s:>10.3f} {r.decisions_per_s:>11,.0f}"
         )
     return "\n".join(lines)
 
@@ -178,6 +225,8 @@ def format_table(results: list[PolicyResult]) -> str:
 def run(args: ReplaySettings) -> int:
     """Replay ``args.trace`` through the policies; print the table (or JSON); 0."""
     started = time.perf_counter()
+    if args.block_tokens is None:
+        args = dataclasses.replace(args, block_tokens=trace_block_tokens(args.trace))
     records = load_trace(args.trace)
     if args.limit is not None:
         records = records[: args.limit]
@@ -192,9 +241,10 @@ def run(args: ReplaySettings) -> int:
     ideal = ideal_hit_rate(requests, args.workers * args.capacity_blocks)
     results = []
     for name in args.policy or POLICY_NAMES:
-        policy = make_replay_policy(name, config)
+        policy = make_replay_policy(name, config, args.summary_period_s)
         results.append(simulate(requests, policy, args.workers, args.capacity_blocks, cost, ideal))
     bench = [] if args.skip_decision_bench else run_decision_bench(num_prompts=args.bench_prompts)
+    cache_bench = None if args.skip_decision_bench else run_cache_aware_bench(num_prompts=args.bench_prompts)
     elapsed = time.perf_counter() - started
     setup = {
         "trace": args.trace,
@@ -212,6 +262,7 @@ def run(args: ReplaySettings) -> int:
             "setup": setup,
             "policies": [asdict(r) for r in results],
             "decision_bench": [asdict(b) for b in bench],
+            "cache_aware_bench": asdict(cache_bench) if cache_bench else None,
         }
         json.dump(payload, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -230,6 +281,12 @@ def run(args: ReplaySettings) -> int:
         print(f"{'prefix depth (blocks)':>22} {'choose_prefill/s':>16} {'route/s':>10}")
         for b in bench:
             print(f"{b.prefix_depth_blocks:>22} {b.decisions_per_s:>16,.0f} {b.route_per_s:>10,.0f}")
+    if cache_bench:
+        print(
+            f"cache_aware (pdserve), same prompts' shape (half later turns), {cache_bench.summary_keys} keys "
+            f"per summary, reports every 64 decisions: choose_prefill {cache_bench.decisions_per_s:,.0f}/s, "
+            f"route {cache_bench.route_per_s:,.0f}/s"
+        )
     print(f"\nelapsed {elapsed:.1f} s")
     return 0
 

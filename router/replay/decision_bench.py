@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from router.config import RouterConfig
 from router.load import LoadReport
 from router.router import Router
+from router.summary import PrefixSummary, probe_keys
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,99 @@ def run_decision_bench(
             )
         )
     return results
+
+
+@dataclass(frozen=True)
+class CacheAwareBenchResult:
+    """cache_aware decisions per second with prefix summaries in the reports."""
+
+    prompt_tokens: int
+    block_size: int
+    num_workers: int
+    summary_keys: int  # keys in each worker's summary
+    decisions_per_s: float
+    route_per_s: float
+
+
+def _cache_aware_prompts(num_prompts: int, prompt_tokens: int, seed: int) -> list[tuple[int, ...]]:
+    """Half fresh prompts, half "later turns": an earlier prompt's first 3/4 plus new tokens."""
+    rng = random.Random(seed)
+    vocab = range(128_000)
+    prompts: list[tuple[int, ...]] = []
+    for i in range(num_prompts):
+        if i % 2 and prompts:
+            base = prompts[rng.randrange(len(prompts))][: prompt_tokens * 3 // 4]
+            prompts.append(base + tuple(rng.choices(vocab, k=prompt_tokens - len(base))))
+        else:
+            prompts.append(tuple(rng.choices(vocab, k=prompt_tokens)))
+    return prompts
+
+
+def _send_reports(
+    router: Router, step: int, summaries: dict[str, tuple[int, ...]], generations: dict[str, int]
+) -> None:
+    """Every worker's report; a prefill worker's summary changes (rotated keys) every 4th report."""
+    for j, worker_id in enumerate(summaries):
+        keys = summaries[worker_id]
+        if (step + j) % 4 == 0:
+            keys = summaries[worker_id] = keys[1:] + keys[:1]
+            generations[worker_id] += 1
+        summary = PrefixSummary(generations[worker_id], keys)
+        router.update_load(LoadReport(worker_id, (j * 997) % 6000, j % 4, 1000, 1000, float(step), summary))
+    for j, worker_id in enumerate(router.decode_ids):
+        router.update_load(LoadReport(worker_id, 0, j, 500 + j, 1000, float(step)))
+
+
+def _warm_summaries(
+    config: RouterConfig, prompts: list[tuple[int, ...]], prefill_ids: list[str], summary_keys: int
+) -> dict[str, tuple[int, ...]]:
+    """Each worker's summary: the probe keys of the prompts a first pass sent it, padded with others."""
+    warm = Router(config)
+    warm.set_workers(prefill_ids, [])
+    held: dict[str, list[int]] = {w: [] for w in prefill_ids}
+    for tokens in prompts:
+        held[warm.choose_prefill(tokens).worker_id].extend(probe_keys(tokens, config.block_size))
+    padding = list(range(10**12, 10**12 + summary_keys))
+    return {w: tuple((keys + padding)[:summary_keys]) for w, keys in held.items()}
+
+
+def run_cache_aware_bench(
+    num_prompts: int = 1000,
+    prompt_tokens: int = 4096,
+    num_workers: int = 8,
+    report_every: int = 64,
+    summary_keys: int = 4096,
+    repeats: int = 5,
+    seed: int = 0,
+) -> CacheAwareBenchResult:
+    """``Router.choose_prefill`` / ``route`` (policy cache_aware, block size 16) on 4k-token prompts.
+
+    Each worker's summary holds ``summary_keys`` probe keys: those of the prompts a warm-up pass sent
+    it, padded with unrelated keys. In the timed loop every worker sends a fresh ``LoadReport`` every
+    ``report_every`` decisions, and every 4th report of a worker carries a changed summary (a new
+    generation), which the router re-reads whole. Best of ``repeats`` runs, thread CPU time, one core.
+    """
+    prompts = _cache_aware_prompts(num_prompts, prompt_tokens, seed)
+    config = RouterConfig(policy="cache_aware")
+    prefill_ids = [f"prefill-{i}" for i in range(num_workers)]
+    initial = _warm_summaries(config, prompts, prefill_ids, summary_keys)
+    rates = []
+    for with_decode in (False, True):
+        best = 0.0
+        for _ in range(repeats):
+            router = Router(config)
+            router.set_workers(prefill_ids, [f"decode-{i}" for i in range(4)])
+            summaries, generations = dict(initial), dict.fromkeys(prefill_ids, 0)
+            start = time.thread_time()
+            for i, tokens in enumerate(prompts):
+                if i % report_every == 0:
+                    _send_reports(router, i // report_every, summaries, generations)
+                if with_decode:
+                    router.route(tokens, expected_num_blocks=300)
+                else:
+                    router.choose_prefill(tokens)
+            best = max(best, len(prompts) / (time.thread_time() - start))
+        rates.append(best)
+    return CacheAwareBenchResult(
+        prompt_tokens, config.block_size, num_workers, summary_keys, rates[0], rates[1]
+    )

@@ -32,6 +32,7 @@ from router.load import LoadReport
 from router.prefix import PrefixKeyer
 from router.replay.simulator import PoolView, SimRequest
 from router.router import Router
+from router.summary import PrefixSummary, SummaryBuilder, probe_keys
 
 
 class ReplayPolicy(ABC):
@@ -82,6 +83,52 @@ class RouterPolicy(ReplayPolicy):
         start = time.thread_time()
         key = self._keyer.key_of_block_ids(request.block_ids)
         choice = self._router.choose_prefill_by_key(key, request.num_tokens)
+        self.decision_s += time.thread_time() - start
+        self.num_decisions += 1
+        self.reasons[choice.reason.value] += 1
+        return self._index[choice.worker_id]
+
+
+class PdservePolicy(RouterPolicy):
+    """pdserve's ``Router`` with the cache_aware policy, fed each worker's prefix summary.
+
+    Each simulated worker keeps a ``router.summary.SummaryBuilder`` over its own LRU cache (the
+    anchor of a probe key is the block id at its depth) and rebuilds its summary every
+    ``summary_period_s`` of simulated time; between rebuilds its reports carry the same summary
+    (the router counts what it has itself sent since). Load reports are fresh at every decision, as
+    for the other Router policies.
+    """
+
+    def __init__(self, name: str, config: RouterConfig, summary_period_s: float):
+        super().__init__(name, config)
+        self.summary_period_s = summary_period_s
+
+    def reset(self, view: PoolView) -> None:
+        super().reset(view)
+        for worker in view.workers:
+            worker.summary = SummaryBuilder(self.config.summary_max_keys)
+        self._summaries: list[PrefixSummary | None] = [None for _ in view.workers]
+        self._built_at = -float("inf")
+        self.summary_keys_max = 0
+
+    def choose(self, request: SimRequest, view: PoolView) -> int:
+        rebuild = view.now_s - self._built_at >= self.summary_period_s
+        if rebuild:
+            self._built_at = view.now_s
+        for i, worker in enumerate(view.workers):
+            if rebuild and worker.summary is not None:
+                self._summaries[i] = worker.summary.build(worker.cache.__contains__)
+                self.summary_keys_max = max(self.summary_keys_max, len(self._summaries[i].keys))
+            capacity = worker.cache.capacity_blocks
+            free = max(0, capacity - worker.active_blocks)
+            report = LoadReport(
+                worker.worker_id, view.queued_tokens(i), worker.num_running, free, capacity, view.now_s,
+                self._summaries[i],
+            )
+            self._router.update_load(report)
+        start = time.thread_time()
+        probes = probe_keys(request.block_ids, 1)
+        choice = self._router.choose_prefill_by_probes(probes, request.num_tokens)
         self.decision_s += time.thread_time() - start
         self.num_decisions += 1
         self.reasons[choice.reason.value] += 1
@@ -181,19 +228,25 @@ POLICY_NAMES = (
     "round_robin",
     "least_loaded",
     "consistent_hash",
+    "prefix_hash",
     "pdserve",
     "sglang_cache_aware",
     "dynamo_kv_cost",
 )
 
 
-def make_replay_policy(name: str, pdserve_config: RouterConfig) -> ReplayPolicy:
+def make_replay_policy(
+    name: str, pdserve_config: RouterConfig, summary_period_s: float = 1.0
+) -> ReplayPolicy:
     """A replay policy by name; the Router-based ones share ``pdserve_config`` (policy replaced)."""
+    if name == "pdserve":
+        config = pdserve_config.model_copy(update={"policy": "cache_aware"})
+        return PdservePolicy(name, config, summary_period_s)
     router_policies = {
         "round_robin": "round_robin",
         "least_loaded": "least_loaded",
         "consistent_hash": "consistent_hash",
-        "pdserve": "prefix_hash",
+        "prefix_hash": "prefix_hash",
     }
     if name in router_policies:
         config = pdserve_config.model_copy(update={"policy": router_policies[name]})

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from router.replay.cache import LRUPrefixCache
+from router.summary import SummaryBuilder, probe_depths, probe_keys
 from router.traces import MOONCAKE_BLOCK_TOKENS, TraceRecord
 
 
@@ -121,6 +122,13 @@ class SimWorker:
     active_blocks: int = 0
     busy_s: float = 0.0
     num_requests: int = 0
+    summary: SummaryBuilder | None = None  # set by a policy that reads prefix summaries
+
+    def note_prefilled(self, block_ids: tuple[int, ...]) -> None:
+        """The worker's own summary bookkeeping: the prompt's probe keys, anchored at their blocks."""
+        if self.summary is not None:
+            keys = probe_keys(block_ids, 1)
+            self.summary.note(keys, [block_ids[d - 1] for d in probe_depths(len(block_ids))])
 
     def advance(self, now_s: float) -> None:
         """Retire requests finished by ``now_s``."""
@@ -208,6 +216,7 @@ def simulate(
         worker = workers[index]
         hit_blocks = worker.cache.match(request.block_ids)
         worker.cache.insert(request.block_ids)
+        worker.note_prefilled(request.block_ids)
         num_hit += hit_blocks
         num_total += len(request.block_ids)
         uncached_tokens = max(0, request.num_tokens - hit_blocks * cost.block_tokens)

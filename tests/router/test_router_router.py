@@ -19,6 +19,7 @@ DECODE = [f"decode-{i}" for i in range(3)]
 
 def config(**kwargs) -> RouterConfig:
     base = {
+        "policy": "prefix_hash",
         "block_size": 4,
         "prefix_depth_blocks": 2,
         "high_watermark_tokens": 1000,

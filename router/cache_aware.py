@@ -1,0 +1,139 @@
+"""The ``cache_aware`` prefill policy: expected cached tokens against queued work, from the workers'
+own prefix summaries; the hash ring for prefixes nobody holds; hot prefixes split over ring successors.
+
+Cost of sending a prompt of ``P`` tokens to worker ``w`` (tokens; divide by a prefill rate for seconds):
+
+    cost(w) = queued_prefill_tokens(w) + P - cached(w)
+
+``cached(w)`` is the depth (in tokens) of the deepest leading probe key of the prompt that ``w``'s
+summary holds (``router.summary``: depths 1, 2, 4, ... blocks), or what the router sent there since
+that summary. ``cost`` is the work ``w`` must finish before this prompt's first token: its TTFT times
+the prefill rate, every worker having the same rate.
+
+Decision (``d`` = deepest probe depth any worker holds, ``d0`` = the shallowest depth every worker
+holds; ``ring key`` = the first probe key nobody holds, or the deepest one):
+
+1. ``d > d0`` (someone holds this prompt's own prefix, not just what everyone shares): the
+   *primary* is the first holder of depth ``d`` along the ring walk from the ring key; another holder
+   takes it only if cheaper by more than ``split_margin_tokens`` (``cache_split``: a hot prefix's
+   traffic spread over its copies; when it cools, the ties go back to the primary and the copies age
+   out). If even the chosen holder costs more than ``margin = min(replicate_margin_tokens,
+   replicate_margin_factor * cached tokens of the holders)`` (factor 0: no cap) above the
+   cheapest worker, the prompt goes to the first worker along the ring walk within that margin of the
+   cheapest (``replicate``: a new copy, always on the same successors, so every ingress replica
+   grows the same copies). Between the two margins nothing changes: hysteresis.
+2. Otherwise (a prefix nobody holds yet: a new conversation): the first worker along the ring walk
+   whose cost is within ``new_prefix_slack_tokens`` of the cheapest (``ring_owner`` if that is the
+   ring owner, else ``ring_walk``): new conversations spread by the ring, bursts of one new prefix
+   land together, and a long queue is still avoided.
+
+Deterministic: only the reports, the worker set and the router's own decisions count.
+"""
+
+from __future__ import annotations
+
+from router.config import RouterConfig
+from router.decisions import RouteReason
+from router.load import LoadTable
+from router.ring import HashRing, int_key_position
+
+
+class CacheAwarePolicy:
+    """See the module docstring. ``choose`` returns (worker, reason, expected cached tokens)."""
+
+    name = "cache_aware"
+
+    def __init__(self, config: RouterConfig):
+        self._replicate_margin = config.replicate_margin_tokens
+        self._split_margin = config.split_margin_tokens
+        self._margin_factor = config.replicate_margin_factor
+        self._new_slack = config.new_prefix_slack_tokens
+
+    def choose(
+        self,
+        probes: list[int],
+        depths: tuple[int, ...],
+        num_tokens: int,
+        ring: HashRing,
+        loads: LoadTable,
+    ) -> tuple[str, RouteReason, int]:
+        """``probes``: the prompt's probe keys; ``depths``: tokens each covers (same length)."""
+        num_probes = len(probes)
+        cap = max(0, num_tokens - 1)  # the last prompt token is always computed
+        costs = {worker_id: queued + num_tokens for worker_id, queued in loads.queued.items()}
+        matched: dict[str, int] = {}  # workers holding at least the first probe -> probes held
+        deepest = 0
+        if probes:
+            first = probes[0]
+            for worker_id in [w for w, keys in loads.held.items() if first in keys]:
+                keys = loads.held[worker_id]
+                depth = 1
+                while depth < num_probes and probes[depth] in keys:
+                    depth += 1
+                matched[worker_id] = depth
+                costs[worker_id] -= min(depths[depth - 1], cap)
+                if depth > deepest:
+                    deepest = depth
+        cheapest = min(costs.values())
+        shallowest = min(matched.values()) if len(matched) == len(costs) else 0
+        if not probes:
+            return self._within(ring.walk_from_position(0), costs, cheapest, 0), RouteReason.LEAST_LOADED, 0
+        ring_key = probes[deepest] if deepest < num_probes else probes[-1]
+        position = int_key_position(ring_key)
+        if deepest > shallowest:
+            return self._to_holder(deepest, depths, matched, costs, cheapest, ring, position)
+        walk = ring.walk_from_position(position)
+        owner = walk[0]
+        if costs[owner] <= cheapest + self._new_slack:
+            chosen, reason = owner, RouteReason.RING_OWNER
+        else:
+            chosen, reason = self._within(walk, costs, cheapest, self._new_slack), RouteReason.RING_WALK
+        return chosen, reason, _cached(depths, matched.get(chosen, 0))
+
+    def _to_holder(
+        self,
+        deepest: int,
+        depths: tuple[int, ...],
+        matched: dict[str, int],
+        costs: dict[str, int],
+        cheapest: int,
+        ring: HashRing,
+        position: int,
+    ) -> tuple[str, RouteReason, int]:
+        primary = None
+        best = None
+        for worker_id in ring.walk_from_position(position):
+            if matched.get(worker_id) != deepest:
+                continue
+            if primary is None:
+                primary = best = worker_id
+            elif costs[worker_id] < costs[best]:  # type: ignore[index]
+                best = worker_id
+        assert primary is not None and best is not None
+        if costs[best] < costs[primary] - self._split_margin:
+            chosen, reason = best, RouteReason.CACHE_SPLIT
+        else:
+            chosen, reason = primary, RouteReason.PREFIX_CACHE
+        # the margin is capped by a multiple of what the holder has cached: a holder of a short shared
+        # preamble is no reason to queue (otherwise new conversations pile onto its first holder)
+        margin = self._replicate_margin
+        if self._margin_factor:
+            margin = min(margin, int(self._margin_factor * _cached(depths, deepest)))
+        if costs[chosen] > cheapest + margin:
+            walk = ring.walk_from_position(position)
+            chosen = self._within(walk, costs, cheapest, margin)
+            reason = RouteReason.REPLICATE
+        return chosen, reason, _cached(depths, matched.get(chosen, 0))
+
+    @staticmethod
+    def _within(walk, costs: dict[str, int], cheapest: int, slack: int) -> str:
+        """The first worker of ``walk`` whose cost is within ``slack`` of ``cheapest``."""
+        limit = cheapest + slack
+        for worker_id in walk:
+            if costs[worker_id] <= limit:
+                return worker_id
+        raise AssertionError("the cheapest worker is on every walk")
+
+
+def _cached(depths: tuple[int, ...], depth: int) -> int:
+    return depths[depth - 1] if depth else 0
