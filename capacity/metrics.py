@@ -66,6 +66,7 @@ class SimMetrics:
         )
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
         self.num_open = 0
+        self.record_from_s = 0.0  # requests arriving earlier are warm-up: simulated, not recorded
         self.num_done = 0
         self.num_good = 0
         self.prompt_tokens = 0
@@ -82,6 +83,8 @@ class SimMetrics:
         self._last_sample_s = 0.0
 
     def on_first_token(self, job: Job) -> None:
+        if job.req.arrival_s < self.record_from_s:
+            return
         self.ttft.add(job.first_token_s - job.req.arrival_s)
         self.prompt_tokens += job.req.input_len
         self.cached_tokens += job.cached
@@ -92,6 +95,8 @@ class SimMetrics:
     def on_finish(self, job: Job, now: float) -> None:
         req = job.req
         self.num_open -= 1
+        if req.arrival_s < self.record_from_s:
+            return  # a warm-up request (caches and queues filling): not in the figures
         self.num_done += 1
         self.output_tokens += req.output_len
         self.first_arrival_s = min(self.first_arrival_s, req.arrival_s)

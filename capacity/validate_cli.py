@@ -13,12 +13,12 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def default_cases() -> list:
-    """Azure conv and Mooncake conversation, scaled to this machine: about 1 request/s, short prompts."""
+    """Azure conv and Mooncake conversation scaled to this machine: about 0.5 request/s, short prompts."""
     from capacity.validate import Case
 
     return [
-        Case("azure-conv", str(SHARED_DATA / "azure" / "AzureLLMInferenceTrace_conv.csv"), 0.1, 5.0, 40),
-        Case("mooncake", str(SHARED_DATA / "mooncake" / "conversation_trace.jsonl"), 0.02, 3.0, 40),
+        Case("azure-conv", str(SHARED_DATA / "azure" / "AzureLLMInferenceTrace_conv.csv"), 0.1, 2.5, 30),
+        Case("mooncake", str(SHARED_DATA / "mooncake" / "conversation_trace.jsonl"), 0.02, 8.0, 30),
     ]
 
 

@@ -105,7 +105,8 @@ def bench(server: str, api: str, http_server: str, embedded: bool, mode: str, co
         config = BenchConfig(
             arrival=arrival, trace=trace, rate=rate if rate is not None else 1.0,
             concurrency=levels[0] if levels else 1, time_scale=time_scale, length_scale=length_scale,
-            lengths=parse_length_mix(lengths), duration_s=duration, num_requests=num_requests,
+            lengths=parse_length_mix(lengths), duration_s=duration,
+            num_requests=num_requests or (8 if len(levels) > 1 else None),  # a sweep sizes each level itself
             trace_start_s=trace_start, max_context=max_context, vocab_size=vocab_size,
             block_tokens=block_tokens, slo=SLO.parse(goodput + more_slo), seed=seed, tenant_id=tenant,
             poll_interval_s=poll_interval, request_timeout_s=timeout, warmup_requests=warmup)
@@ -118,7 +119,7 @@ def bench(server: str, api: str, http_server: str, embedded: bool, mode: str, co
     if len(levels) > 1:  # a concurrency sweep: one cluster, every level in turn
         budget = embedded_kv_budget(cluster_config) if embedded else None
         run_sweep(config, levels, targets[0], out_dir, kv_budget_bytes=budget, show_progress=not no_progress,
-                  echo=click.echo)
+                  echo=click.echo, requests_per_level=num_requests)
         return
     try:
         run_suite(config, Workload(config), targets, out_dir, show_progress=not no_progress, echo=click.echo,

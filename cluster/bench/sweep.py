@@ -116,13 +116,15 @@ def plot_sweep(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: Pat
 
 def run_sweep(config: BenchConfig, levels: Sequence[int], target: Target, out_dir: Path, *,
               kv_budget_bytes: float | None = None, show_progress: bool = True,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every level against one cluster; write the table, the PNG and each level's run."""
+              echo: Callable[[str], None] = print, requests_per_level: int | None = None) -> dict[str, Any]:
+    """Run every level against one cluster (``requests_per_level`` requests each, default 4 x the level
+    and at least 8; ``config.duration_s`` still stops a level early); write the table, the PNG and
+    each level's run."""
     rows: list[dict[str, Any]] = []
     with target.open() as addresses:
         for concurrency in levels:
             level = dataclasses.replace(config, arrival="closed", concurrency=concurrency,
-                                        num_requests=config.num_requests or max(8, 4 * concurrency))
+                                        num_requests=requests_per_level or max(8, 4 * concurrency))
             echo(f"[pdserve bench] sweep: concurrency {concurrency} ({level.num_requests} requests)")
             result = BenchRunner(level, Workload(level), addresses.grpc, show_progress=show_progress,
                                  label=f"c{concurrency}").run()
