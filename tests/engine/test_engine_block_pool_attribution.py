@@ -3,6 +3,7 @@ real ``BlockPool`` objects, the pool's own hash chain, invariants checked after 
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -199,3 +200,40 @@ def test_preemptions_count_as_the_victims_allocation_failures() -> None:
     for seq in [*scheduler.running, *scheduler.waiting]:
         scheduler.finish(seq, "abort")
     _assert_empty(pool)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_engine_a_burst_evicts_a_warm_prefix_unless_its_tenant_is_under_its_share(share: float) -> None:
+    """Through the real engine (scheduler, prefix cache, prefill_only requests as a prefill replica runs
+    them): tenant A warms a 70-token prompt (4 reusable blocks), B prefills 6 other prompts through the
+    12-block pool. Plain LRU: A's next request reports the eviction by B (the engine's PrefixMiss). A
+    50 % share (6 blocks): A holds 4 <= 6, so B evicts its own blocks and A's next request hits."""
+    from engine.sampling import SamplingParams
+    from tests.engine.engine_helpers import assert_pool_empty, build_model, make_engine, make_prompts
+
+    model = build_model("llama")
+    block_bytes = make_engine(model, kv_cache_bytes=2**20).kv_layout.block_bytes
+    engine = make_engine(model, kv_cache_bytes=12 * block_bytes, tenant_kv_share=share)
+    prompt_a, *burst = make_prompts([70] + [70] * 6, seed=9)
+
+    def prefill(request_id: str, prompt: list[int], tenant: str):
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=2), tenant=tenant, prefill_only=True)
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    engine.release_pinned(request_id)
+                    return output
+        raise AssertionError("no output")
+
+    assert prefill("a1", prompt_a, "a").prefix_miss.num_cacheable_blocks == 4
+    for index, prompt in enumerate(burst):
+        prefill(f"b{index}", prompt, "b")
+    again = prefill("a2", prompt_a, "a")
+    if share == 0:
+        miss = again.prefix_miss
+        assert again.num_cached_tokens == 0 and miss.is_evicted and miss.num_evicted_blocks == 4
+        assert miss.evicted_by == (("b", 4),)
+    else:
+        assert again.num_cached_tokens == 64 and again.prefix_miss.num_evicted_blocks == 0
+        assert engine.stats().evictions.get(("a", "b"), 0) == 0 and engine.stats().evictions[("b", "b")] > 0
+    assert_pool_empty(engine)
