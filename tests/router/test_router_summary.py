@@ -155,3 +155,20 @@ def test_sent_prompts_count_as_held_until_the_next_summary() -> None:
         router.update_load(_report(worker, 100 if worker == first.worker_id else 0, 1.0, None))
     follow = router.choose_prefill(prompt + tokens(31, 20))
     assert (follow.worker_id, follow.reason) == (first.worker_id, RouteReason.PREFIX_CACHE)
+
+
+def test_the_summary_travels_in_replica_load_to_the_routers_report() -> None:
+    import pickle
+
+    from cluster.replica_directory import ReplicaView
+    from cluster.route_policy import _load_report
+    from cluster.stats import ReplicaLoad
+
+    summary = worker_summary.PrefixSummary(3, tuple(probe_keys(tokens(40, 64), 16)))
+    load = ReplicaLoad("r1", 0, 0, 10, 100, 0, 5, 95, 100, 0, 0, 0, 0, 12.5, prefix_summary=summary)
+    back = ReplicaLoad.from_routing_stats(pickle.loads(pickle.dumps(load.to_routing_stats())))
+    assert back == load and back.prefix_summary == (3, summary.keys)
+    report = _load_report(ReplicaView("r1", back))
+    assert report is not None and report.prefix_summary == PrefixSummary(3, summary.keys)
+    assert _load_report(ReplicaView("r2", ReplicaLoad("r2", 0, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1.0))) \
+        .prefix_summary is None  # fmt: skip
