@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import click
 
 from router.config import RouterConfig
-from router.replay.decision_bench import run_cache_aware_bench, run_decision_bench
+from router.replay.decision_bench import CacheAwareBenchResult, run_cache_aware_bench, run_decision_bench
 from router.replay.policies import POLICY_NAMES, make_replay_policy
 from router.replay.simulator import CostModel, PolicyResult, ideal_hit_rate, simulate, to_sim_requests
 from router.traces import load_trace, trace_block_tokens
@@ -272,6 +272,13 @@ def run(args: ReplaySettings) -> int:
         f"of {args.block_tokens} tokens, prefill {cost.prefill_tokens_per_s:,.0f} tokens/s/worker "
         f"+ {cost.overhead_s * 1000:.0f} ms/request"
     )
+    print_report(results, bench, cache_bench)
+    print(f"\nelapsed {elapsed:.1f} s")
+    return 0
+
+
+def print_report(results: list[PolicyResult], bench: list, cache_bench: object | None) -> None:
+    """The table, each policy's reasons, and the decision micro-benchmarks."""
     print(format_table(results))
     for r in results:
         if r.reasons:
@@ -281,14 +288,13 @@ def run(args: ReplaySettings) -> int:
         print(f"{'prefix depth (blocks)':>22} {'choose_prefill/s':>16} {'route/s':>10}")
         for b in bench:
             print(f"{b.prefix_depth_blocks:>22} {b.decisions_per_s:>16,.0f} {b.route_per_s:>10,.0f}")
-    if cache_bench:
+    if cache_bench is not None:
+        assert isinstance(cache_bench, CacheAwareBenchResult)
         print(
             f"cache_aware (pdserve), same prompts' shape (half later turns), {cache_bench.summary_keys} keys "
             f"per summary, reports every 64 decisions: choose_prefill {cache_bench.decisions_per_s:,.0f}/s, "
             f"route {cache_bench.route_per_s:,.0f}/s"
         )
-    print(f"\nelapsed {elapsed:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":
