@@ -142,3 +142,16 @@ def test_meter_counts_what_is_sent_in_clusterinfo_and_prometheus() -> None:
     assert registry.get_sample_value("pdserve:tenant_prompt_tokens_total", {"tenant": "a"}) == 7
     assert tenancy.usage_for(tenancy.authenticate(f"Bearer {KEY_C}")) == []  # not its tenant's
     assert len(tenancy.usage_for(tenancy.authenticate(f"Bearer {KEY_B}"))) == 1  # admin sees all
+
+
+def test_tls_config_needs_both_files_and_names_an_unreadable_one(tmp_path) -> None:
+    from cluster.tls import TlsConfig, grpc_server_credentials, uvicorn_ssl_options
+
+    with pytest.raises(ValueError, match="set both"):
+        TlsConfig(cert_file="x.pem")
+    assert not TlsConfig().is_enabled and uvicorn_ssl_options(TlsConfig()) == {}
+    missing = TlsConfig(cert_file=str(tmp_path / "cert.pem"), key_file=str(tmp_path / "key.pem"))
+    with pytest.raises(ConfigError, match=r"tls.key_file: cannot read"):
+        grpc_server_credentials(missing)
+    with pytest.raises(ConfigError, match=r"tls.cert_file: cannot read"):
+        uvicorn_ssl_options(missing)
