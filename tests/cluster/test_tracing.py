@@ -14,9 +14,12 @@ from cluster.config import ClusterConfig
 from cluster.tracing import (
     NULL_SPAN,
     NULL_TRACER,
+    TraceParent,
     Tracer,
     TracingConfig,
     cache_attributes,
+    grpc_parent,
+    http_parent,
     make_tracer,
 )
 from cluster.validation import ValidRequest
@@ -181,3 +184,27 @@ def test_a_sampled_out_request_records_nothing() -> None:
     assert int(flags, 16) & 1 == 0  # not sampled: the workers record nothing either
     span.end()
     assert tracer.exporter.get_finished_spans() == ()
+
+
+class _Context:
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", "Bearer x"), ("traceparent", TRACEPARENT), ("TraceState", "k=v"))
+
+
+class _Wire:
+    def __init__(self, prompt: str) -> None:
+        self.prompt = prompt
+
+    def WhichOneof(self, name: str) -> str:  # the protobuf method's name
+        assert name == "prompt"
+        return self.prompt
+
+
+def test_the_parent_comes_from_grpc_metadata_and_http_headers_only_when_on() -> None:
+    assert grpc_parent(NULL_TRACER, None, None) is None and http_parent(NULL_TRACER, None, True) is None
+    tracer = Tracer(MEMORY, "ingress")
+    parent = grpc_parent(tracer, _Context(), _Wire("messages"))
+    assert parent == TraceParent({"traceparent": TRACEPARENT, "tracestate": "k=v"}, "chat")
+    assert grpc_parent(tracer, _Context(), _Wire("token_ids")).operation == "text_completion"
+    headers = {"content-type": "application/json", "traceparent": TRACEPARENT}
+    assert http_parent(tracer, headers, is_chat=False) == TraceParent({"traceparent": TRACEPARENT})
