@@ -105,6 +105,8 @@ def top(server: str, interval: float, once: bool, as_json: bool, api_key: str | 
             click.echo(json.dumps({"model": info.model, "rows": rows(info)}, indent=2))
             return
         console = Console()
+        if not console.is_terminal:  # piped or captured: wide enough for every column, no wrapping
+            console = Console(width=200)
         if once:
             console.print(table(info))
             return
