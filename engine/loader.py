@@ -12,7 +12,7 @@ import torch
 
 from engine.attention import TorchAttention
 from engine.builtin import BUILTIN_MODEL_ID, build_builtin_hf_model, resolve_model_path
-from engine.cpu_linear import transpose_linear_weights
+from engine.cpu_linear import prepare_cpu_projections
 from engine.gguf import find_gguf_file, gguf_model_name, load_gguf_config, read_gguf_state_dict
 from engine.model import CausalLM
 from engine.model_config import ModelConfig, UnsupportedModelError
@@ -85,7 +85,7 @@ def build_model(
     if model_config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if device.type == "cpu":
-        transpose_linear_weights(model, skip=("lm_head",) if model_config.tie_word_embeddings else ())
+        prepare_cpu_projections(model, dtype, tied=model_config.tie_word_embeddings)
     model.init_rotary()
     model.eval()
     return model

@@ -126,6 +126,9 @@ class CausalLM(nn.Module):
         self.model = _Body(config, backend)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None  # built by ``init_rotary`` once weights sit on a device
+        # The bf16 CPU kernel module when ``engine.cpu_linear.pack_for_kernels`` packed the projections
+        # (q|k|v -> ``self_attn.qkv_proj``, gate|up -> ``mlp.gate_up_proj``); None runs the torch path.
+        self.kernels: Any = None
 
     def init_rotary(self) -> None:
         """Build the RoPE table on the weights' device and dtype (after loading)."""
@@ -144,11 +147,41 @@ class CausalLM(nn.Module):
         Returns the final hidden states ``[T, hidden]`` (after the last norm).
         """
         assert self.rotary is not None, "init_rotary() must run after loading weights"
+        if self.kernels is not None:
+            return self._forward_kernels(input_ids, positions, kv_cache, meta)
         cos, sin = self.rotary.lookup(positions)
         hidden = self.model.embed_tokens(input_ids)
         for index, layer in enumerate(self.model.layers):
             hidden = layer(hidden, cos, sin, kv_cache[:, index], meta)
         return self.model.norm(hidden)
+
+    def _forward_kernels(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The same forward with packed projections and fused kernels (bf16 on CPU): per layer one
+        q|k|v GEMM, RoPE + KV store, attention, o GEMM, residual add + norm, gate|up GEMM, SiLU * up,
+        down GEMM, residual add + the next norm. The residual stream is updated in place."""
+        assert self.rotary is not None
+        kernels, layers, eps = self.kernels, self.model.layers, self.config.rms_norm_eps
+        residual = self.model.embed_tokens(input_ids)
+        hidden = kernels.add_rmsnorm(residual, None, layers[0].input_layernorm.weight, eps)
+        for index, layer in enumerate(layers):
+            attn = layer.self_attn
+            qkv = attn.qkv_proj(hidden)
+            out = attn.backend.forward_fused(
+                index, kv_cache[:, index], qkv, positions, self.rotary.cos, self.rotary.sin, meta, kernels
+            )
+            post_norm = layer.post_attention_layernorm.weight
+            hidden = kernels.add_rmsnorm(residual, attn.o_proj(out), post_norm, eps)
+            mlp = layer.mlp
+            down = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(hidden)))
+            norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.model.norm
+            hidden = kernels.add_rmsnorm(residual, down, norm.weight, eps)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` -> ``[N, vocab]`` float32."""
