@@ -13,7 +13,8 @@ the prefill rate, every worker having the same rate.
 Decision (``d`` = deepest probe depth any worker holds, ``d0`` = the shallowest depth every worker
 holds; ``ring key`` = the first probe key nobody holds, or the deepest one):
 
-1. ``d > d0`` (someone holds this prompt's own prefix, not just what everyone shares): the
+1. ``d > d0`` (someone holds this prompt's own prefix, not just what everyone shares), or every
+   worker holds all of the prompt's probes (a hot prefix copied everywhere): the
    *primary* is the first holder of depth ``d`` along the ring walk from the ring key; another holder
    takes it only if cheaper by more than ``split_margin_tokens`` (``cache_split``: a hot prefix's
    traffic spread over its copies; when it cools, the ties go back to the primary and the copies age
@@ -80,7 +81,7 @@ class CacheAwarePolicy:
             return self._within(ring.walk_from_position(0), costs, cheapest, 0), RouteReason.LEAST_LOADED, 0
         ring_key = probes[deepest] if deepest < num_probes else probes[-1]
         position = int_key_position(ring_key)
-        if deepest > shallowest:
+        if deepest > shallowest or deepest == num_probes:  # its own prefix, or all of it everywhere
             return self._to_holder(deepest, depths, matched, costs, cheapest, ring, position)
         walk = ring.walk_from_position(position)
         owner = walk[0]
