@@ -104,7 +104,15 @@ class PoolConfig(_Section):
     num_cpus: NonNegativeFloat = 0.5  # fractional on CPU so 1 prefill + 1 decode fit a 2-core machine
     num_gpus: NonNegativeFloat = 0.0
     max_ongoing_requests: PositiveInt = 256  # streams are long-lived: Serve's default of 5 queues them
-    torch_threads: PositiveInt | None = None  # torch intra-op threads inside each replica; None: default
+    # torch intra-op threads inside each replica; None: the replica's whole CPUs, at least 1 (Ray's
+    # OMP_NUM_THREADS rule). More threads than CPUs wait at every op's barrier on a shared machine: 2 threads
+    # at load 10 on 2 cores decoded 0.4-1.1 tok/s at batch 1, 1 thread 13 (docs/benchmarks.md, "Peers")
+    torch_threads: PositiveInt | None = None
+
+    @property
+    def num_torch_threads(self) -> int:
+        """``torch_threads``, or the replica's whole CPUs (at least 1) when unset."""
+        return self.torch_threads if self.torch_threads is not None else max(1, int(self.num_cpus))
     device: Device | None = None  # where the model and KV pool live; None: cuda when num_gpus > 0, else cpu
     dtype: DType | None = None  # serving and KV dtype; None: engine.dtype
     # Ray custom resources each replica needs, e.g. {prefill_node: 1} to place the pool on nodes that
@@ -245,7 +253,7 @@ class ClusterConfig(_Section):
     def engine_for(self, pool: Literal["prefill", "decode"]) -> EngineConfig:
         """The engine config of one pool's replicas: the pool's device, dtype and torch threads applied."""
         section = self.pool(pool)
-        changes = {"device": section.device, "dtype": section.dtype, "num_threads": section.torch_threads}
+        changes = {"device": section.device, "dtype": section.dtype, "num_threads": section.num_torch_threads}
         return EngineConfig.model_validate({**self.engine.model_dump(), **changes})
 
     def check_devices(self, pools: tuple[PoolName, ...] | None = None) -> None:
