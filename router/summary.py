@@ -79,20 +79,30 @@ def probe_keys(token_ids: Sequence[int], block_size: int, tenant: str = "") -> l
     ``token_ids`` may be a tuple or a list (a list's segments are copied into tuples); for a trace
     given as per-block ids, pass the ids with ``block_size=1``.
     """
-    depths = probe_depths(len(token_ids) // block_size)
-    if not depths:
-        return []
-    tokens = token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
+    segments = _segments(len(token_ids) // block_size, block_size)
     key = tenant_root(tenant)
     keys = []
-    start = 0
-    for depth in depths:
-        end = depth * block_size
-        stride = (end - start) // SAMPLES_PER_SEGMENT or 1
-        key = hash((key, tokens[start:end:stride], tokens[end - 1]))
-        keys.append(key)
-        start = end
+    if isinstance(token_ids, tuple):
+        for start, end, stride in segments:
+            key = hash((key, token_ids[start:end:stride], token_ids[end - 1]))
+            keys.append(key)
+    else:  # a list's segments are lists: copy just the samples into tuples
+        for start, end, stride in segments:
+            key = hash((key, tuple(token_ids[start:end:stride]), token_ids[end - 1]))
+            keys.append(key)
     return keys
+
+
+@lru_cache(maxsize=1024)
+def _segments(num_full_blocks: int, block_size: int) -> tuple[tuple[int, int, int], ...]:
+    """(start, end, stride) in tokens of each probe's segment."""
+    segments = []
+    start = 0
+    for depth in probe_depths(num_full_blocks):
+        end = depth * block_size
+        segments.append((start, end, (end - start) // SAMPLES_PER_SEGMENT or 1))
+        start = end
+    return tuple(segments)
 
 
 def depth_tokens(block_size: int, num_probes: int) -> tuple[int, ...]:
