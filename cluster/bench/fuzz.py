@@ -47,8 +47,6 @@ def wire_request_strategy(vocab_size: int) -> Any:
     """Hypothesis strategy: serialized ``GenerateRequestWire`` bytes over every field, mostly invalid."""
     from hypothesis import strategies as st
 
-    from protos import pdserve_wire_pb2 as wire
-
     # Few choices per example (hypothesis spends ~0.1 ms a choice): short strings, and long ones by
     # repetition, so 10,000 requests draw in seconds.
     def text_bytes(max_size: int) -> Any:
@@ -104,41 +102,45 @@ def wire_request_strategy(vocab_size: int) -> Any:
         mangles,
     )
 
-    def build(drawn: tuple[Any, ...]) -> bytes:
-        (
-            (kind, prompt),
-            max_tokens,
-            optional_values,
-            (stops, repeat),
-            stop_ids,
-            tenant,
-            request_id,
-            eos,
-            mangle,
-        ) = drawn
-        message = wire.GenerateRequestWire(
-            max_tokens=max_tokens,
-            stop=stops * repeat,
-            stop_token_ids=stop_ids,
-            tenant_id=tenant,
-            request_id=request_id,
-            ignore_eos=eos,
-        )
-        if kind == "text":
-            message.text = prompt
-        elif kind == "token_ids":
-            message.token_ids.SetInParent()
-            message.token_ids.ids.extend(prompt[0] * prompt[1])  # up to 5,600 ids: past the context
-        elif kind == "messages":
-            message.messages.SetInParent()
-            for role, content in prompt:
-                message.messages.messages.add(role=role, content=content)
-        for name, value in zip(("temperature", "top_p", "top_k", "seed"), optional_values, strict=True):
-            if value is not None:
-                setattr(message, name, value)
-        return _mangled(message.SerializeToString(), mangle)
+    return fields.map(_build_wire)
 
-    return fields.map(build)
+
+def _build_wire(drawn: tuple[Any, ...]) -> bytes:
+    """The serialized request of one draw of ``wire_request_strategy``'s fields."""
+    from protos import pdserve_wire_pb2 as wire
+
+    (
+        (kind, prompt),
+        max_tokens,
+        optional_values,
+        (stops, repeat),
+        stop_ids,
+        tenant,
+        request_id,
+        eos,
+        mangle,
+    ) = drawn
+    message = wire.GenerateRequestWire(
+        max_tokens=max_tokens,
+        stop=stops * repeat,
+        stop_token_ids=stop_ids,
+        tenant_id=tenant,
+        request_id=request_id,
+        ignore_eos=eos,
+    )
+    if kind == "text":
+        message.text = prompt
+    elif kind == "token_ids":
+        message.token_ids.SetInParent()
+        message.token_ids.ids.extend(prompt[0] * prompt[1])  # up to 5,600 ids: past the context
+    elif kind == "messages":
+        message.messages.SetInParent()
+        for role, content in prompt:
+            message.messages.messages.add(role=role, content=content)
+    for name, value in zip(("temperature", "top_p", "top_k", "seed"), optional_values, strict=True):
+        if value is not None:
+            setattr(message, name, value)
+    return _mangled(message.SerializeToString(), mangle)
 
 
 def _mangled(data: bytes, mangle: tuple[str, Any]) -> bytes:

@@ -37,6 +37,7 @@ from protos import pdserve_pb2_grpc
 
 FORBIDDEN = ("INTERNAL", "UNKNOWN")
 MIB = 2**20
+DETAILS: dict[str, collections.Counter[str]] = {}  # code -> the details of the streams that ended so
 
 
 # ---- the cluster and its processes --------------------------------------------------------------------
@@ -134,6 +135,7 @@ async def _one_stream(stub: Any, request: pb.GenerateRequest, codes: collections
         codes["OK"] += 1
     except grpc.aio.AioRpcError as error:
         codes[error.code().name] += 1
+        DETAILS.setdefault(error.code().name, collections.Counter())[(error.details() or "")[:160]] += 1
     return tokens
 
 
@@ -183,6 +185,8 @@ def streams_command(args: argparse.Namespace) -> int:
             f"(expected {args.streams * args.max_tokens})"
         )
         print(f"blocks held after: {held}; replicas unchanged: {replica_pids(config.app_name) == pids}")
+        for code, details in DETAILS.items():
+            print(f"  {code}: {details.most_common(3)}")
         print("RSS MiB before -> after:")
         for name in sorted(before):
             print(f"  {name:48s} {before[name]:8.1f} -> {after.get(name, float('nan')):8.1f}")
