@@ -78,8 +78,10 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception raised on the request path, from the cause's type (one line)."""
     cause = unwrap_cause(error)
     message = _first_line(f"{type(cause).__name__}: {cause}")
+    if isinstance(cause, AdmissionRefused | MigrationFailed | NeverFits):  # worded for the client
+        message = _first_line(str(cause))
     if isinstance(cause, NeverFits):  # cluster.admission: more KV blocks than one replica holds
-        return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
+        return grpc.StatusCode.INVALID_ARGUMENT, message
     if isinstance(cause, _RESOURCE_EXHAUSTED):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, message
     if isinstance(cause, _UNAVAILABLE):

@@ -51,13 +51,15 @@ def cluster_config(
 
 def reliability_config() -> ClusterConfig:
     """The cluster test_int_admission and test_int_migration share (one deployment for both): 1 prefill
-    + 2 decode replicas; an admission queue of 4 for 6 s; suspects forgotten after 3 s, so the SIGKILL
-    case finds both decode replicas in use again after the SIGSTOP case."""
-    return cluster_config(
-        1,
-        2,
-        {"admission.max_queue": 4, "admission.max_queue_wait_s": 6.0, "migration.suspect_s": 3.0},
-    )
+    + 2 decode replicas of 128 KV blocks; an admission queue of 4 for 2 s; suspects forgotten after 3 s,
+    so the SIGKILL case finds both decode replicas in use again after the SIGSTOP case."""
+    changes = {
+        "engine.kv_cache_bytes": 8 * 2**20,  # 128 blocks of 16 tokens per replica
+        "admission.max_queue": 4,
+        "admission.max_queue_wait_s": 2.0,
+        "migration.suspect_s": 3.0,
+    }
+    return cluster_config(1, 2, changes)
 
 
 @cache
