@@ -20,6 +20,7 @@ import grpc
 from cluster.auth import check_exposure
 from cluster.cli_options import DEFAULT_SERVER, renamed_option
 from cluster.config import MODES, ConfigError, load_config
+from cluster.keys_cli import api_key_options
 
 
 @click.group()
@@ -137,6 +138,7 @@ def serve(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print token ids, text, usage, timings and route as JSON."
 )
+@api_key_options
 def generate(
     text: str,
     server: str,
@@ -151,6 +153,8 @@ def generate(
     as_chat: bool,
     timeout: float,
     as_json: bool,
+    api_key: str | None,
+    tls_ca: str | None,
 ) -> None:
     """Generate from TEXT; prints the text as it streams (or JSON with --json)."""
     from cluster.client import collect, connect
@@ -166,7 +170,7 @@ def generate(
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if value is not None:
             setattr(request, name, value)
-    channel, stub = connect(server)
+    channel, stub = connect(server, api_key, tls_ca)
     try:
         responses = stub.Generate(request, timeout=timeout)
         if as_json:
@@ -187,14 +191,15 @@ def generate(
     "--server", default=DEFAULT_SERVER, show_default=True, metavar="HOST:PORT", help="gRPC API address."
 )
 @renamed_option("--address", "--server")
-def info(server: str) -> None:
+@api_key_options
+def info(server: str, api_key: str | None, tls_ca: str | None) -> None:
     """Print ClusterInfo (pools, replicas, load, KV blocks, prefix hit rate) as JSON."""
     from google.protobuf.json_format import MessageToDict
 
     from cluster.client import connect
     from protos import pdserve_pb2 as pb
 
-    channel, stub = connect(server)
+    channel, stub = connect(server, api_key, tls_ca)
     try:
         response = stub.ClusterInfo(pb.ClusterInfoRequest(), timeout=30)
         click.echo(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True), indent=2))

@@ -74,7 +74,34 @@ def collect(responses: Iterator[pb.GenerateResponse]) -> GenerateResult:
     return result
 
 
-def connect(address: str) -> tuple[grpc.Channel, pdserve_pb2_grpc.PDServeStub]:
-    """An insecure channel to ``host:port`` and a stub on it."""
-    channel = grpc.insecure_channel(address)
+def connect(
+    address: str, api_key: str | None = None, tls_ca: str | None = None
+) -> tuple[grpc.Channel, pdserve_pb2_grpc.PDServeStub]:
+    """A channel to ``host:port`` and a stub on it: TLS verified with the CA file ``tls_ca`` when given
+    (else plaintext), every call carrying ``authorization: Bearer <api_key>`` when given."""
+    if tls_ca:
+        with open(tls_ca, "rb") as file:
+            credentials = grpc.ssl_channel_credentials(root_certificates=file.read())
+        channel = grpc.secure_channel(address, credentials)
+    else:
+        channel = grpc.insecure_channel(address)
+    if api_key:
+        channel = grpc.intercept_channel(channel, _BearerKey(api_key))
     return channel, pdserve_pb2_grpc.PDServeStub(channel)
+
+
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the API key to every call's metadata (call credentials would need TLS; a key on plaintext
+    127.0.0.1 is a valid setup too)."""
+
+    def __init__(self, api_key: str) -> None:
+        self.metadata = (("authorization", f"Bearer {api_key}"),)
+
+    def _with_key(self, details: Any) -> Any:
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)

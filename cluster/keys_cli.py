@@ -6,6 +6,8 @@ the key where the client reads it (e.g. ``OPENAI_API_KEY`` / ``PDSERVE_API_KEY``
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -35,3 +37,19 @@ def new(tenant: str, cache_group: str | None, admin: bool) -> None:
     click.echo(f"key: {key}")
     click.echo("config (auth.keys entry, or a line of the keys file):")
     click.echo(f"  - {json.dumps(entry)}")
+
+
+def api_key_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--api-key`` (or ``PDSERVE_API_KEY``) and ``--tls-ca`` for a client command."""
+    command = click.option(
+        "--tls-ca",
+        type=click.Path(dir_okay=False, exists=True),
+        default=None,
+        help="Connect over TLS, trusting this CA certificate (PEM).",
+    )(command)
+    return click.option(
+        "--api-key",
+        envvar="PDSERVE_API_KEY",
+        default=None,
+        help="API key when keys are on (or PDSERVE_API_KEY).",
+    )(command)

@@ -481,8 +481,10 @@ def run(
     """Send what was drawn and the garbage, then check (module docstring)."""
     report = FuzzReport()
     report.seconds["draw"] = drawn.seconds
+    started = time.perf_counter()
     if app_name is not None:
         report.replicas_before = replica_actors(app_name)
+    report.seconds["replicas"] = time.perf_counter() - started
     started = time.perf_counter()
     asyncio.run(send_grpc(grpc_address, drawn.payloads, report, seed=seed))
     report.seconds["grpc"] = time.perf_counter() - started
