@@ -7,11 +7,19 @@ test can shorten Serve's delays and wrap each pool policy in ``tests.autoscaling
 which writes down what the policy observed on every tick and returns its decision unchanged. A burst of
 long prompts must show up there as the replicas' own numbers (queued prefill tokens, KV blocks in
 use, running requests), the prefill policy must decide to scale up, and Serve must act on it.
+
+Then (issue 16, acceptance 4) the same deployment goes through both pools' cycles: the burst of long
+prompts scales prefill up while decode holds at one replica; prefill returns to one when it stops; a
+burst of long answers (short prompts, 600 new tokens each) fills decode KV past its target and
+scales decode up; decode returns to one when it stops. Every request succeeds and no replica holds a
+KV block at the end (ClusterInfo). Scale-down here removes replicas with no stream in flight (the
+bursts have ended); draining a replica with live streams is cluster.migration's (helper D) test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 from collections.abc import Iterator
@@ -22,7 +30,7 @@ import pytest
 
 from protos import pdserve_pb2 as pb
 from tests.autoscaling.recording_policy import record_path
-from tests.integration.int_helpers import cluster_config, run_many
+from tests.integration.int_helpers import cluster_config, run_many, wait_until_no_blocks_held
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +38,9 @@ APP_NAME = "pdserve-autoscale-real"
 PREFILL, DECODE = "PrefillDeployment", "DecodeDeployment"
 POLICY_KWARGS = {
     PREFILL: {"target_queued_prefill_tokens_per_replica": 256.0},  # a burst of 12 x 600 tokens: ~28 replicas
-    DECODE: {"target_kv_blocks_used_fraction": 0.9},
+    # up above 0.2 x 1.2 = 24 % of the 1024 blocks in use: 16 answers of 600 tokens hold ~60 %, while
+    # the prompt burst (4 new tokens each, so about one request at a time in decode) holds ~4 %
+    DECODE: {"target_kv_blocks_used_fraction": 0.2},
 }
 
 
@@ -105,10 +115,30 @@ def _burst() -> list[pb.GenerateRequest]:
     return [
         pb.GenerateRequest(
             token_ids=pb.TokenIds(ids=[256] + [(index * 37 + i) % 256 for i in range(599)]),
-            max_tokens=40, ignore_eos=True,
+            max_tokens=4, ignore_eos=True,
         )
         for index in range(12)
     ]  # fmt: skip
+
+
+def _long_answers() -> list[pb.GenerateRequest]:
+    """16 short prompts with 600 new tokens each: decode KV and running requests, little prefill."""
+    return [
+        pb.GenerateRequest(token_ids=pb.TokenIds(ids=[256] + [(index * 11 + i) % 256 for i in range(15)]),
+                           max_tokens=600, ignore_eos=True)
+        for index in range(16)
+    ]  # fmt: skip
+
+
+def _wait_replicas(deployment: str, count: int, within_s: float) -> float:
+    """Poll until Serve has exactly ``count`` replicas of ``deployment`` (any state); seconds it took."""
+    start = time.monotonic()
+    while _num_replicas(deployment) != count:
+        assert time.monotonic() - start < within_s, (
+            f"{deployment}: {_num_replicas(deployment)} replicas, not {count}"
+        )
+        time.sleep(0.1)
+    return time.monotonic() - start
 
 
 def test_real_replicas_report_and_the_policies_scale(real_app: str) -> None:
@@ -135,4 +165,39 @@ def test_real_replicas_report_and_the_policies_scale(real_app: str) -> None:
     print(
         f"\nreal replicas: {len(prefill)} prefill / {len(decode)} decode policy ticks; max queued prefill "
         f"tokens {max(queued):.0f}, max decode KV used {max(kv_used):.2f}; first 'up' decision: {ups[0]}"
+    )
+    assert all(r["num_replicas"] == 1 for r in decode), "decode scaled during the prompt burst"
+    _both_pools_cycle(real_app)
+
+
+def _both_pools_cycle(address: str) -> None:
+    """Prefill back to 1; long answers scale decode to 2 running replicas; decode back to 1; no leaks."""
+    prefill_down_s = _wait_replicas(PREFILL, 1, 30)
+    first_tick = len(_records(DECODE))
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        burst = pool.submit(asyncio.run, run_many(address, _long_answers()))
+        max_decode = 1
+        while not burst.done() or time.monotonic() - start < 2:  # Serve acts while the streams run
+            max_decode = max(max_decode, _num_replicas(DECODE))
+            time.sleep(0.1)
+        results = burst.result()
+    burst_s = time.monotonic() - start
+    assert all(r.code == grpc.StatusCode.OK for r in results), [r.details for r in results]
+    assert all(len(r.token_ids) == 600 for r in results)
+    ticks = _records(DECODE)[first_tick:]
+    kv_used = max(max(r["metrics"].get("kv_blocks_used_fraction", [0.0])) for r in ticks)
+    ups = [r for r in ticks if r["decision"] and r["decision"]["reason"] == "up"]
+    assert ups and ups[0]["num_replicas"] == 2, f"decode never decided up; max KV used {kv_used:.2f}"
+    assert max_decode == 2, "Serve never started a second decode replica during the burst"
+    ran_two = max(r["num_running_replicas"] for r in _records(DECODE)[first_tick:]) >= 2
+    decode_down_s = _wait_replicas(DECODE, 1, 30)
+    assert _num_replicas(PREFILL) == 1
+    leak_s, held = wait_until_no_blocks_held(address, 10)
+    assert all(count == 0 for count in held.values()), f"KV blocks still held: {held}"
+    print(
+        f"prefill 2->1 {prefill_down_s:.1f} s after the prompt burst; long answers ({burst_s:.1f} s): decode "
+        f"'up' at KV {kv_used:.2f}, 2 replicas ({'running' if ran_two else 'starting'} before the burst "
+        f"ended), back to 1 {decode_down_s:.1f} s after; "
+        f"0 blocks held ({leak_s:.2f} s)"
     )
