@@ -76,6 +76,9 @@ class LlamaBatchedBench:
             "-npp", ",".join(map(str, prompt_lens)), "-ntg", str(new_tokens),
             "-npl", ",".join(map(str, batches)),
             "--output-format", "jsonl",
+            # no repacked (AMX / extra buffer) weights: this VM's CPU flags list AMX, but a tile instruction
+            # raises SIGILL here (the tiles are not granted), and a GGML_NATIVE build picks the AMX kernels
+            "--no-repack",
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout_s, check=False)
         rows = parse_jsonl(done.stdout + done.stderr)  # results go through llama.cpp's log

@@ -37,7 +37,8 @@ case $TARGET in
     ;;
   llama-server)
     "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$PORT" -np 32 -t "$THREADS" -tb "$THREADS" \
-        -c $((32 * 512)) --alias "$MODEL" --no-webui >"$OUT/server.log" 2>&1 &
+        -c $((32 * 512)) --alias "$MODEL" --no-webui --no-repack >"$OUT/server.log" 2>&1 &
+    # --no-repack: the AMX kernels a GGML_NATIVE build picks raise SIGILL on this VM (engine/bench_llama_cpp.py)
     ;;
   *) echo "usage: $0 pdserve|llama-server [OUT_DIR]" >&2; exit 2 ;;
 esac
