@@ -13,7 +13,9 @@ run. Decode time is measured the same way on both sides: time(prompt + N new tok
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -355,6 +357,15 @@ def print_kernel_floor(engine: LLMEngine, theirs_tokens_per_s: float, args: Benc
     )
 
 
+def _set_omp_wait_policy(policy: str | None) -> None:
+    """Re-execute this bench with ``OMP_WAIT_POLICY=policy`` when it differs: libgomp reads it once,
+    when torch loads it, so it cannot change in a running process."""
+    if policy is None or os.environ.get("OMP_WAIT_POLICY", "").lower() == policy:
+        return
+    os.environ["OMP_WAIT_POLICY"] = policy
+    os.execv(sys.executable, [sys.executable, "-m", "engine.bench", *sys.argv[1:]])
+
+
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
         numbers = tuple(int(part) for part in value.split(",") if part.strip())
@@ -401,7 +412,18 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
     default=None,
     help="llama-batched-bench binary (bench/peers/build_llama_cpp.sh): llama.cpp on the same GGUF, a column",
 )
-def main(model: str, dtype: str, threads: int | None, llama_bench: str | None, **options: Any) -> None:
+@click.option(
+    "--omp-wait",
+    type=click.Choice(["active", "passive"]),
+    default=None,
+    help="OpenMP threads' wait policy (OMP_WAIT_POLICY; the bench re-executes itself to set it). passive: "
+    "on a machine with more runnable jobs than cores, torch's spinning threads otherwise slow every "
+    "parallel region (docs/benchmarks.md, engine section)",
+)
+def main(
+    model: str, dtype: str, threads: int | None, llama_bench: str | None, omp_wait: str | None, **options: Any
+) -> None:
+    _set_omp_wait_policy(omp_wait)
     if threads:
         torch.set_num_threads(threads)
     args = BenchSettings(**options)
@@ -420,6 +442,11 @@ def main(model: str, dtype: str, threads: int | None, llama_bench: str | None, *
         f"{torch.get_num_threads()}, {args.clock} clock, decode = {args.decode_prompt_len}-token prompts"
         f" + {args.decode_tokens} new tokens, median of {args.repeats} (sides interleaved)"
         + (", llama.cpp: the GGUF's quantized weights, same threads, run after" if llama else "")
+    )
+    print(
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: active spin)')}, load average "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, bf16 CPU kernels "
+        f"{'on' if engine.runner.model.kernels is not None else 'off'}"
     )
     peer = f" {'llama.cpp':>10} | {'vs llama':>8} |" if llama else ""
     print(f"| {'tokens/s':<18} | {'pdserve':>10} | {'transformers':>12} | {'ratio':>6} |" + peer)
