@@ -165,10 +165,17 @@ async def many_streams(
     return codes, sum(tokens), seconds
 
 
+def _settings(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    return {key: yaml.safe_load(value) for key, _, value in (pair.partition("=") for pair in pairs)}
+
+
 def streams_command(args: argparse.Namespace) -> int:
     from cluster.config import ClusterConfig
 
-    config = ClusterConfig().override({"grpc.port": 0, "http.port": 0, "app_name": "pdserve-streams"})
+    changes = {"grpc.port": 0, "http.port": 0, "app_name": "pdserve-streams", **_settings(args.set)}
+    config = ClusterConfig().override(changes)
     cluster = start_cluster(config, args.ray_temp_dir, args.num_cpus)
     try:
         asyncio.run(many_streams(cluster.grpc_address, 16, 2))  # warm up (compile paths, first requests)
@@ -365,6 +372,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     streams = commands.add_parser("streams", help="N concurrent streams on the embedded default")
     streams.add_argument("--streams", type=int, default=1000)
     streams.add_argument("--max-tokens", type=int, default=8)
+    streams.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted config change (YAML value), e.g. migration.heartbeat_timeout_s=30",
+    )
     run = commands.add_parser("soak", help="mixed load with replica kills")
     run.add_argument("--minutes", type=float, default=30.0)
     run.add_argument("--concurrency", type=int, default=16)

@@ -137,7 +137,9 @@ def tenancy(ray_session, tmp_path_factory) -> Iterator[Tenancy]:
     try:
         yield Tenancy(cluster.grpc_address, cluster.http_address, ca, keys)
     finally:
-        cluster.delete_app()
+        from ray import serve
+
+        serve.delete(config.app_name, _blocking=False)  # Serve tears it down while the next tests run
 
 
 def _generate(tenancy: Tenancy, tenant: str | None, request: pb.GenerateRequest) -> StreamResult:
