@@ -15,7 +15,7 @@
 set -eu
 TARGET=$1
 OUT=${2:-/tmp/peers/aiperf-$TARGET}
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROOT=${ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
 AIPERF=${AIPERF:-/tmp/aiperf-venv/bin/aiperf}
 TOKENIZER=${TOKENIZER:-/tmp/peers/smollm2-tokenizer}
 LLAMA_SERVER=${LLAMA_SERVER:-/tmp/peers/llama.cpp/build/bin/llama-server}
@@ -44,11 +44,13 @@ case $TARGET in
 esac
 SERVER=$!
 trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 240); do  # up to 4 min for the model to load
-  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
+UP=
+for _ in $(seq ${START_TIMEOUT_S:-600}); do  # a cluster start took 4-5 min at load average 15 on 2 cores
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && { UP=1; break; }
   kill -0 $SERVER 2>/dev/null || { tail -20 "$OUT/server.log"; exit 1; }
   sleep 1
 done
+[ -n "$UP" ] || { echo "$TARGET did not answer /health on $PORT"; tail -5 "$OUT/server.log"; exit 1; }
 echo "$TARGET up on $PORT; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 # AFTER_UP: a command run once the server answers, before aiperf (e.g. cluster.bench.engine_vs_cluster
 # --server 127.0.0.1:$GRPC_PORT on the same pdserve), so one server start serves both measurements
