@@ -58,37 +58,46 @@ class CacheAwarePolicy:
         ring: HashRing,
         loads: LoadTable,
     ) -> tuple[str, RouteReason, int]:
-        """``probes``: the prompt's probe keys; ``depths``: tokens each covers (same length)."""
+        """``probes``: the prompt's probe keys; ``depths``: tokens each covers (same length).
+
+        Costs are kept as ``queued(w) - saved(w)`` (the docstring's cost minus ``P``, the same for
+        every worker, so every comparison gives the same answer); ``saved`` holds the holders only.
+        """
+        queued = loads.queued
+        if not probes:
+            walk = ring.walk_from_position(0)
+            return self._within(walk, queued, {}, min(queued.values())), RouteReason.LEAST_LOADED, 0
         num_probes = len(probes)
-        cap = max(0, num_tokens - 1)  # the last prompt token is always computed
-        costs = {worker_id: queued + num_tokens for worker_id, queued in loads.queued.items()}
+        cap = num_tokens - 1 if num_tokens > 0 else 0  # the last prompt token is always computed
+        cheapest = min(queued.values())
         matched: dict[str, int] = {}  # workers holding at least the first probe -> probes held
+        saved: dict[str, int] = {}  # the same workers -> cached tokens they save
         deepest = 0
-        if probes:
-            first = probes[0]
-            for worker_id in [w for w, keys in loads.held.items() if first in keys]:
-                keys = loads.held[worker_id]
+        first = probes[0]
+        for worker_id, keys in loads.held.items():
+            if first in keys:
                 depth = 1
                 while depth < num_probes and probes[depth] in keys:
                     depth += 1
                 matched[worker_id] = depth
-                costs[worker_id] -= min(depths[depth - 1], cap)
+                tokens = depths[depth - 1]
+                saved[worker_id] = tokens = tokens if tokens < cap else cap
+                if queued[worker_id] - tokens < cheapest:
+                    cheapest = queued[worker_id] - tokens
                 if depth > deepest:
                     deepest = depth
-        cheapest = min(costs.values())
-        shallowest = min(matched.values()) if len(matched) == len(costs) else 0
-        if not probes:
-            return self._within(ring.walk_from_position(0), costs, cheapest, 0), RouteReason.LEAST_LOADED, 0
+        shallowest = min(matched.values()) if len(matched) == len(queued) else 0
         ring_key = probes[deepest] if deepest < num_probes else probes[-1]
         position = int_key_position(ring_key)
         if deepest > shallowest or deepest == num_probes:  # its own prefix, or all of it everywhere
-            return self._to_holder(deepest, depths, matched, costs, cheapest, ring, position)
+            return self._to_holder(deepest, depths, matched, queued, saved, cheapest, ring, position)
         walk = ring.walk_from_position(position)
         owner = walk[0]
-        if costs[owner] <= cheapest + self._new_slack:
+        limit = cheapest + self._new_slack
+        if queued[owner] - saved.get(owner, 0) <= limit:
             chosen, reason = owner, RouteReason.RING_OWNER
         else:
-            chosen, reason = self._within(walk, costs, cheapest, self._new_slack), RouteReason.RING_WALK
+            chosen, reason = self._within(walk, queued, saved, limit), RouteReason.RING_WALK
         return chosen, reason, _cached(depths, matched.get(chosen, 0))
 
     def _to_holder(
@@ -96,22 +105,28 @@ class CacheAwarePolicy:
         deepest: int,
         depths: tuple[int, ...],
         matched: dict[str, int],
-        costs: dict[str, int],
+        queued: dict[str, int],
+        saved: dict[str, int],
         cheapest: int,
         ring: HashRing,
         position: int,
     ) -> tuple[str, RouteReason, int]:
-        primary = None
-        best = None
-        for worker_id in ring.walk_from_position(position):
-            if matched.get(worker_id) != deepest:
-                continue
-            if primary is None:
-                primary = best = worker_id
-            elif costs[worker_id] < costs[best]:  # type: ignore[index]
-                best = worker_id
-        assert primary is not None and best is not None
-        if costs[best] < costs[primary] - self._split_margin:
+        holders = [worker_id for worker_id, depth in matched.items() if depth == deepest]
+        walk = None
+        if len(holders) == 1:  # the only holder is the first along any walk, and the cheapest
+            primary = best = holders[0]
+        else:
+            walk = ring.walk_from_position(position)
+            primary = best = None
+            for worker_id in walk:
+                if matched.get(worker_id) != deepest:
+                    continue
+                if primary is None:
+                    primary = best = worker_id
+                elif queued[worker_id] - saved[worker_id] < queued[best] - saved[best]:  # type: ignore[index]
+                    best = worker_id
+            assert primary is not None and best is not None
+        if queued[best] - saved[best] < queued[primary] - saved[primary] - self._split_margin:
             chosen, reason = best, RouteReason.CACHE_SPLIT
         else:
             chosen, reason = primary, RouteReason.PREFIX_CACHE
@@ -120,18 +135,18 @@ class CacheAwarePolicy:
         margin = self._replicate_margin
         if self._margin_factor:
             margin = min(margin, int(self._margin_factor * _cached(depths, deepest)))
-        if costs[chosen] > cheapest + margin:
-            walk = ring.walk_from_position(position)
-            chosen = self._within(walk, costs, cheapest, margin)
+        if queued[chosen] - saved[chosen] > cheapest + margin:
+            if walk is None:
+                walk = ring.walk_from_position(position)
+            chosen = self._within(walk, queued, saved, cheapest + margin)
             reason = RouteReason.REPLICATE
         return chosen, reason, _cached(depths, matched.get(chosen, 0))
 
     @staticmethod
-    def _within(walk, costs: dict[str, int], cheapest: int, slack: int) -> str:
-        """The first worker of ``walk`` whose cost is within ``slack`` of ``cheapest``."""
-        limit = cheapest + slack
+    def _within(walk, queued: dict[str, int], saved: dict[str, int], limit: int) -> str:
+        """The first worker of ``walk`` whose cost (``queued - saved``) is at most ``limit``."""
         for worker_id in walk:
-            if costs[worker_id] <= limit:
+            if queued[worker_id] - saved.get(worker_id, 0) <= limit:
                 return worker_id
         raise AssertionError("the cheapest worker is on every walk")
 

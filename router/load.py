@@ -150,7 +150,7 @@ class LoadTable:
         self._update_state(worker_id)
 
     def _update_state(self, worker_id: str) -> None:
-        queued = self.queued_tokens(worker_id)
+        queued = self.queued[worker_id]  # == queued_tokens(worker_id), kept by update / debit
         config = self._config
         mean = self._total_queued / len(self._members)
         # queued < max(low floor, low factor * mean) and queued > max(high floor, high factor * mean),
@@ -185,6 +185,29 @@ class LoadTable:
         report = self._reports.get(worker_id)
         pending = self._pending.get(worker_id)
         return (report.running_requests if report else 0) + (pending[1] if pending else 0)
+
+    def most_free_kv(self) -> tuple[str | None, int, list[str]]:
+        """(the reported worker with the most free KV blocks, ties: fewer running requests, then
+        sorted id; its free blocks; the unreported workers in sorted order). One pass over the
+        members with the reads of ``free_kv_blocks`` / ``running_requests`` inlined (the decode choice
+        runs on every request)."""
+        reports, pending_of = self._reports, self._pending
+        best_id: str | None = None
+        best: tuple[int, int] | None = None
+        unreported: list[str] = []
+        for worker_id in self._members:
+            report = reports.get(worker_id)
+            if report is None:
+                unreported.append(worker_id)
+                continue
+            pending = pending_of.get(worker_id)
+            if pending is None:
+                candidate = (report.free_kv_blocks, -report.running_requests)
+            else:
+                candidate = (report.free_kv_blocks - pending[2], -report.running_requests - pending[1])
+            if best is None or candidate > best:
+                best_id, best = worker_id, candidate
+        return best_id, (best[0] if best is not None else 0), unreported
 
     def free_kv_blocks(self, worker_id: str) -> int | None:
         """Reported free KV blocks minus those sent since (may go negative); None if never reported."""

@@ -138,18 +138,8 @@ class Router:
         loads = self._decode_loads
         if not loads.worker_ids:
             raise NoWorkerError("no decode workers")
-        best_id: str | None = None
-        best: tuple[int, int] | None = None
-        unreported: list[str] = []
-        for worker_id in loads.worker_ids:
-            free = loads.free_kv_blocks(worker_id)
-            if free is None:
-                unreported.append(worker_id)
-                continue
-            candidate = (free, -loads.running_requests(worker_id))
-            if best is None or candidate > best:
-                best_id, best = worker_id, candidate
-        if best_id is not None and best is not None and best[0] >= expected_num_blocks:
+        best_id, best_free, unreported = loads.most_free_kv()
+        if best_id is not None and best_free >= expected_num_blocks:
             reason = RouteReason.KV_HEADROOM
         elif unreported:
             best_id = unreported[self._decode_turn % len(unreported)]

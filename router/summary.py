@@ -76,21 +76,18 @@ def probe_depths(num_full_blocks: int) -> tuple[int, ...]:
 def probe_keys(token_ids: Sequence[int], block_size: int, tenant: str = "") -> list[int]:
     """The prompt's probe keys, one per depth of :func:`probe_depths` (shallowest first).
 
-    ``token_ids`` may be a tuple or a list (a list's segments are copied into tuples); for a trace
-    given as per-block ids, pass the ids with ``block_size=1``.
+    ``token_ids`` may be a tuple or a list (a list's samples are copied into tuples); for a trace
+    given as per-block ids, pass the ids with ``block_size=1``. Only the sampled positions are read
+    (about 16 per probe, ~150 of a 4k-token prompt); this runs on every cache_aware decision, hence
+    the comprehensions (a plain loop with ``append`` costs ~25 % more).
     """
     segments = _segments(len(token_ids) // block_size, block_size)
-    key = tenant_root(tenant)
-    keys = []
+    key = _roots.get(tenant)
+    if key is None:
+        key = tenant_root(tenant)
     if isinstance(token_ids, tuple):
-        for start, end, stride in segments:
-            key = hash((key, token_ids[start:end:stride], token_ids[end - 1]))
-            keys.append(key)
-    else:  # a list's segments are lists: copy just the samples into tuples
-        for start, end, stride in segments:
-            key = hash((key, tuple(token_ids[start:end:stride]), token_ids[end - 1]))
-            keys.append(key)
-    return keys
+        return [key := hash((key, token_ids[a:b:s], token_ids[b - 1])) for a, b, s in segments]
+    return [key := hash((key, tuple(token_ids[a:b:s]), token_ids[b - 1])) for a, b, s in segments]
 
 
 @lru_cache(maxsize=1024)

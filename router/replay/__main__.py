@@ -284,7 +284,7 @@ def print_report(results: list[PolicyResult], bench: list, cache_bench: object |
         if r.reasons:
             print(f"  {r.policy}: " + ", ".join(f"{k} {v}" for k, v in r.reasons.items()))
     if bench:
-        print("\nrouter decisions/s, 4096-token prompts, block size 16, 8 prefill workers, one core:")
+        print("\nrouter decisions per CPU-second, 4096-token prompts, block size 16, 8 prefill workers:")
         print(f"{'prefix depth (blocks)':>22} {'choose_prefill/s':>16} {'route/s':>10}")
         for b in bench:
             print(f"{b.prefix_depth_blocks:>22} {b.decisions_per_s:>16,.0f} {b.route_per_s:>10,.0f}")
@@ -293,7 +293,9 @@ def print_report(results: list[PolicyResult], bench: list, cache_bench: object |
         print(
             f"cache_aware (pdserve), same prompts' shape (half later turns), {cache_bench.summary_keys} keys "
             f"per summary, reports every 64 decisions: choose_prefill {cache_bench.decisions_per_s:,.0f}/s, "
-            f"route {cache_bench.route_per_s:,.0f}/s"
+            f"route {cache_bench.route_per_s:,.0f}/s per CPU-second "
+            f"({cache_bench.decisions_per_wall_s:,.0f}/s, {cache_bench.route_per_wall_s:,.0f}/s wall clock; "
+            f"load average {cache_bench.load_average[0]:.1f} -> {cache_bench.load_average[1]:.1f})"
         )
 
 
