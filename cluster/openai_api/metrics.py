@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from protos import pdserve_pb2 as pb
 
@@ -51,4 +52,10 @@ class HttpMetrics:
         """Every metric in the format the scraper's ``Accept`` header asks for (Prometheus text 0.0.4
         by default, OpenMetrics on request), and its content type."""
         encoder, content_type = choose_encoder(accept)
+        if content_type.startswith("application/openmetrics-text"):
+            # prometheus_client's OpenMetrics encoder escapes ":" to "_" by default, so a real Prometheus
+            # (it asks for OpenMetrics first) stored pdserve_* and vllm_num_requests_waiting, not the
+            # names documented and read by the Gateway API Inference Extension; allow-utf-8 writes
+            # legacy-valid names, colons included, as they are (docs/observability.md).
+            return openmetrics.generate_latest(self.registry, escaping=openmetrics.ALLOWUTF8), content_type
         return encoder(self.registry), content_type

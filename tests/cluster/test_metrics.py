@@ -132,3 +132,15 @@ def test_replica_load_carries_engine_evictions() -> None:
     load = ReplicaLoad.from_engine("r", stats)
     assert load.evictions == (("", "a", 1), ("a", "b", 3))
     assert ReplicaLoad.from_routing_stats(load.to_routing_stats()) == load
+
+
+def test_openmetrics_keeps_the_colon_names() -> None:
+    """A real Prometheus asks for OpenMetrics first; prometheus_client's encoder would write pdserve_*."""
+    metrics = IngressMetrics()
+    metrics.generation_tokens.inc(3)
+    http = HttpMetrics(metrics.registry)
+    text, content_type = http.render("application/openmetrics-text;version=1.0.0,text/plain;q=0.5")
+    assert content_type.startswith("application/openmetrics-text")
+    assert "\npdserve:generation_tokens_total 3.0\n" in text.decode()
+    plain, plain_type = http.render("")
+    assert plain_type.startswith("text/plain") and "\npdserve:generation_tokens_total 3.0\n" in plain.decode()

@@ -161,6 +161,21 @@ def _poll(address: str, query: str, done, timeout_s: float) -> float | None:
         time.sleep(0.25)
 
 
+def _wait_ready(address: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Poll Prometheus' /-/ready until it answers 200; fail with its log if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"prometheus exited {server.returncode}: {log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"http://{address}/-/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # not listening yet (connection refused) or still starting (503)
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"prometheus not ready after {timeout_s}s: {log.read_text()}")
+
+
 def _start_prometheus(tmp_path: Path, target: str) -> tuple[subprocess.Popen, str]:
     if not PROMETHEUS.is_file():
         pytest.fail(
@@ -185,6 +200,7 @@ def _start_prometheus(tmp_path: Path, target: str) -> tuple[subprocess.Popen, st
 def test_a_real_prometheus_scrapes_the_ingress(cluster, tmp_path: Path) -> None:
     server, address = _start_prometheus(tmp_path, cluster.http_address)
     try:
+        _wait_ready(address, server, tmp_path / "prometheus.log", timeout_s=60.0)
         up = _poll(address, 'up{job="pdserve"}', lambda value: value == 1.0, timeout_s=30.0)
         assert up == 1.0, (tmp_path / "prometheus.log").read_text()
         tokens = "sum(pdserve:generation_tokens_total)"
