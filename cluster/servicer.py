@@ -169,7 +169,8 @@ class PDServeServicer:
             pool = response.pools.add(name=name)
             for load in loads:
                 pool.replicas.add(**{key: getattr(load, key) for key in _REPLICA_FIELDS})
-            pool.tenants.extend(tenant_kv_infos(loads))  # the per-tenant KV review (cluster.attribution)
+            own = None if principal is None or principal.is_admin else principal.tenant  # a key sees its own
+            pool.tenants.extend(tenant_kv_infos(loads, own))  # the per-tenant KV review (cluster.attribution)
         response.tenant_usage.extend(self.tenancy.usage_for(principal))
         return response
 
