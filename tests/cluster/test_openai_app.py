@@ -13,6 +13,7 @@ from typing import Any
 
 from cluster.model_info import ModelInfo
 from cluster.openai_api.app import OpenAIApp
+from cluster.tracing import NULL_TRACER
 from cluster.validation import ModelLimits
 from engine.tokenizer import ByteTokenizer
 from protos import pdserve_pb2 as pb
@@ -34,8 +35,9 @@ class FakePath:
     )
     config: Any = field(default_factory=lambda: SimpleNamespace(request_timeout_s=30.0))
     closed: list[bool] = field(default_factory=list)
+    tracer: Any = NULL_TRACER  # tracing off, as the default config has it
 
-    async def generate(self, request: Any):
+    async def generate(self, request: Any, parent: Any = None):
         try:
             await asyncio.sleep(self.first_delay_s)
             if self.error is not None:
