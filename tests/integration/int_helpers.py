@@ -58,6 +58,7 @@ def reliability_config() -> ClusterConfig:
         "admission.max_queue": 4,
         "admission.max_queue_wait_s": 2.0,
         "migration.suspect_s": 3.0,
+        "migration.heartbeat_timeout_s": 1.5,  # a hung replica found within 2 s (the default is 10 s)
     }
     return cluster_config(1, 2, changes)
 
