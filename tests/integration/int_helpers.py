@@ -50,9 +50,10 @@ def cluster_config(
 
 
 def reliability_config() -> ClusterConfig:
-    """The cluster test_int_admission and test_int_migration share (one deployment for both): 1 prefill
-    + 2 decode replicas of 128 KV blocks; an admission queue of 4 for 2 s; suspects forgotten after 3 s,
-    so the SIGKILL case finds both decode replicas in use again after the SIGSTOP case."""
+    """The cluster test_int_reliability_admission and test_int_reliability_migration share (one deployment for
+    both; the names sort them together): 1 prefill + 2 decode replicas of 128 KV blocks; an admission queue
+    of 4 for 2 s; suspects forgotten after 3 s, so the SIGKILL case finds both decode replicas in use again
+    after the SIGSTOP case."""
     changes = {
         "engine.kv_cache_bytes": 8 * 2**20,  # 128 blocks of 16 tokens per replica
         "admission.max_queue": 4,

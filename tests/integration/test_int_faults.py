@@ -41,83 +41,6 @@ def _round(address: str, prompts: list[tuple[int, ...]]) -> list[pb.GenerateResp
     return [r.last for r in results if r.last is not None]
 
 
-def test_prefill_replica_restarts_between_requests(pd_cluster) -> None:
-    import ray
-
-    cluster = pd_cluster.ensure(cluster_config(1, 1))
-    prompts = make_prompts(4, seed=11)
-    before = _round(cluster.grpc_address, prompts)
-    old_replica = before[0].route.prefill_replica
-    actors = [
-        a
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if "PrefillDeployment" in a["name"] and old_replica in a["name"]
-    ]
-    assert len(actors) == 1, actors
-    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
-
-    after = _round(cluster.grpc_address, prompts)  # waits for Serve's replacement replica
-    assert all(last.route.prefill_replica != old_replica for last in after)
-    assert all(last.route.kv_transport == "shm" for last in after)
-    _, held = wait_until_no_blocks_held(cluster.grpc_address, within_s=1.0)
-    assert all(count == 0 for count in held.values()), held
-    prefill_pool = next(pool for pool in cluster_info(cluster.grpc_address).pools if pool.name == "prefill")
-    assert [r.replica_id for r in prefill_pool.replicas] != [old_replica]
-
-
-# ---- the prefill side dies while the decode side is pulling its KV (issue 4, acceptance 3) ---------
-
-PULL_DELAY_S = 1.0  # test hook kv_transfer.test_pull_delay_s: the window in which the peer is killed
-TRANSFER_TIMEOUT_S = 3.0
-
-
-def _kill_prefill_replica(replica_id: str) -> None:
-    import ray
-
-    actors = [
-        a
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if "PrefillDeployment" in a["name"] and replica_id in a["name"]
-    ]
-    assert len(actors) == 1, actors
-    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
-
-
-async def _streams_killing_prefill(
-    address: str, requests: list[pb.GenerateRequest], replica_id: str
-) -> tuple[list[StreamResult], list[float]]:
-    """Open every stream; once each has its first token (prefilled, KV pinned on ``replica_id``, the
-    decode side holding reserved blocks and waiting out the pull delay), kill the prefill replica.
-    Returns the results and each stream's seconds from the kill to its end."""
-    firsts = [asyncio.Event() for _ in requests]
-    ended = [0.0] * len(requests)
-
-    async def one(index: int, stub: pdserve_pb2_grpc.PDServeStub) -> StreamResult:
-        result = StreamResult()
-        try:
-            async for response in stub.Generate(requests[index], timeout=60):
-                result.num_messages += 1
-                result.token_ids.extend(response.token_ids)
-                result.text += response.text
-                result.last = response
-                firsts[index].set()
-        except grpc.aio.AioRpcError as error:
-            result.code, result.details = error.code(), error.details() or ""
-        finally:
-            firsts[index].set()
-            ended[index] = time.perf_counter()
-        return result
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pdserve_pb2_grpc.PDServeStub(channel)
-        tasks = [asyncio.create_task(one(i, stub)) for i in range(len(requests))]
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in firsts)), timeout=30)
-        killed_at = time.perf_counter()
-        await asyncio.to_thread(_kill_prefill_replica, replica_id)
-        results = list(await asyncio.gather(*tasks))
-    return results, [end - killed_at for end in ended]
-
-
 def _decode_blocks_held(app_name: str) -> int:
     from ray import serve
 
@@ -199,3 +122,81 @@ def test_prefill_replica_dies_mid_transfer(pd_cluster, backend: str) -> None:
         assert result.last.route.prefill_replica in new_replicas
     _, held_blocks = wait_until_no_blocks_held(address, within_s=1.0)
     assert all(count == 0 for count in held_blocks.values()), held_blocks
+
+
+# last in the module: its 1 + 1 cluster is the one test_int_generate starts with (one deployment fewer)
+def test_prefill_replica_restarts_between_requests(pd_cluster) -> None:
+    import ray
+
+    cluster = pd_cluster.ensure(cluster_config(1, 1))
+    prompts = make_prompts(4, seed=11)
+    before = _round(cluster.grpc_address, prompts)
+    old_replica = before[0].route.prefill_replica
+    actors = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "PrefillDeployment" in a["name"] and old_replica in a["name"]
+    ]
+    assert len(actors) == 1, actors
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+
+    after = _round(cluster.grpc_address, prompts)  # waits for Serve's replacement replica
+    assert all(last.route.prefill_replica != old_replica for last in after)
+    assert all(last.route.kv_transport == "shm" for last in after)
+    _, held = wait_until_no_blocks_held(cluster.grpc_address, within_s=1.0)
+    assert all(count == 0 for count in held.values()), held
+    prefill_pool = next(pool for pool in cluster_info(cluster.grpc_address).pools if pool.name == "prefill")
+    assert [r.replica_id for r in prefill_pool.replicas] != [old_replica]
+
+
+# ---- the prefill side dies while the decode side is pulling its KV (issue 4, acceptance 3) ---------
+
+PULL_DELAY_S = 1.0  # test hook kv_transfer.test_pull_delay_s: the window in which the peer is killed
+TRANSFER_TIMEOUT_S = 3.0
+
+
+def _kill_prefill_replica(replica_id: str) -> None:
+    import ray
+
+    actors = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "PrefillDeployment" in a["name"] and replica_id in a["name"]
+    ]
+    assert len(actors) == 1, actors
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+
+
+async def _streams_killing_prefill(
+    address: str, requests: list[pb.GenerateRequest], replica_id: str
+) -> tuple[list[StreamResult], list[float]]:
+    """Open every stream; once each has its first token (prefilled, KV pinned on ``replica_id``, the
+    decode side holding reserved blocks and waiting out the pull delay), kill the prefill replica.
+    Returns the results and each stream's seconds from the kill to its end."""
+    firsts = [asyncio.Event() for _ in requests]
+    ended = [0.0] * len(requests)
+
+    async def one(index: int, stub: pdserve_pb2_grpc.PDServeStub) -> StreamResult:
+        result = StreamResult()
+        try:
+            async for response in stub.Generate(requests[index], timeout=60):
+                result.num_messages += 1
+                result.token_ids.extend(response.token_ids)
+                result.text += response.text
+                result.last = response
+                firsts[index].set()
+        except grpc.aio.AioRpcError as error:
+            result.code, result.details = error.code(), error.details() or ""
+        finally:
+            firsts[index].set()
+            ended[index] = time.perf_counter()
+        return result
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pdserve_pb2_grpc.PDServeStub(channel)
+        tasks = [asyncio.create_task(one(i, stub)) for i in range(len(requests))]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in firsts)), timeout=30)
+        killed_at = time.perf_counter()
+        await asyncio.to_thread(_kill_prefill_replica, replica_id)
+        results = list(await asyncio.gather(*tasks))
+    return results, [end - killed_at for end in ended]

@@ -38,7 +38,7 @@ DETECTION_BOUND_S = 2.0  # acceptance 1
 
 
 def _config():
-    return reliability_config()  # shared with test_int_admission (same deployment)
+    return reliability_config()  # shared with test_int_reliability_admission (same deployment)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Overload (issue 15, acceptance 2): 4x the decode pool's KV capacity in concurrent long requests.
 
-The cluster (shared with test_int_migration: 2 decode replicas of 128 blocks, admission queue 4 for
-2 s) gets 64 concurrent requests that each need 16 blocks at ``max_tokens`` (prompt 24 + 232 tokens):
-4 x the 256 blocks, so 16 fit. Every request either completes (all ``max_tokens`` tokens; the first
+The cluster (shared with test_int_reliability_migration: 2 decode replicas of 128 blocks, admission queue 4
+for 2 s) gets 64 concurrent requests that each need 16 blocks at ``max_tokens`` (prompt 24 + 232 tokens): 4
+x the 256 blocks, so 16 fit. Every request either completes (all ``max_tokens`` tokens; the first
 one token-exact against transformers) or is refused with RESOURCE_EXHAUSTED by admission (not by a pool
 running out of blocks) with a ``retry-after`` trailer, promptly (the queue-full ones at once, the
 queued ones within ``max_queue_wait_s``); the queue never held more than its bound (the ingress's own
