@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from capacity.costs import CostModel, Step, prefill_step
 from capacity.metrics import SimMetrics
 from capacity.workload import SimRequest
+from engine.prefix_summary import SummaryBuilder, probe_depths, probe_keys
 from engine.scheduling_rules import admits, blocks_for, chunk_tokens, max_prefix_blocks, may_admit
 from router import LoadReport, Router, RouterConfig
 from router.replay.cache import LRUPrefixCache
-from router.summary import SummaryBuilder, probe_depths, probe_keys
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ class Simulation:
         self.counter = itertools.count()
         self.metrics = SimMetrics()
         self.colocated = config.prefill is None
-        # cache_aware routes on probe keys of the prompt's prefix units (router.summary: a replay of
+        # cache_aware routes on probe keys of the prompt's prefix units (engine.prefix_summary: a replay of
         # per-block ids passes the ids with block size 1, and the router's block is then one unit)
         self.cache_aware = config.router.policy == "cache_aware"
         if self.cache_aware and config.router.block_size != config.unit_tokens:

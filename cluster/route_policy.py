@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.replica_directory import ReplicaView
+from engine.prefix_summary import PrefixSummary
 from router.config import RouterConfig
 from router.load import LoadReport
 from router.router import Router
-from router.summary import PrefixSummary
 
 logger = logging.getLogger(__name__)
 

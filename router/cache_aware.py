@@ -6,7 +6,7 @@ Cost of sending a prompt of ``P`` tokens to worker ``w`` (tokens; divide by a pr
     cost(w) = queued_prefill_tokens(w) + P - cached(w)
 
 ``cached(w)`` is the depth (in tokens) of the deepest leading probe key of the prompt that ``w``'s
-summary holds (``router.summary``: depths 1, 2, 4, ... blocks), or what the router sent there since
+summary holds (``engine.prefix_summary``: depths 1, 2, 4, ... blocks), or what the router sent there since
 that summary. ``cost`` is the work ``w`` must finish before this prompt's first token: its TTFT times
 the prefill rate, every worker having the same rate.
 

@@ -11,8 +11,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from engine.prefix_summary import PrefixSummary
 from router.config import RouterConfig
-from router.summary import PrefixSummary
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class LoadReport:
         total_kv_blocks: size of its KV pool in blocks.
         reported_at: when the report was taken (seconds, any clock the worker keeps monotonic); a
             report not newer than the one held for the same worker is ignored.
-        prefix_summary: the probe keys of the prefixes the worker holds (``router.summary``), with a
+        prefix_summary: the probe keys of the prefixes the worker holds (``engine.prefix_summary``), with a
             generation the worker bumps when they change (the router re-reads the keys only then),
             or None when the worker publishes none (the router then knows nothing of its cache).
     """

@@ -30,7 +30,7 @@ _GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads an int key's bits ove
 
 
 def int_key_position(key: int) -> int:
-    """Ring position of an int key (a probe key of ``router.summary``): its bits mixed, 64 bits."""
+    """Ring position of an int key (a probe key of ``engine.prefix_summary``): its bits mixed, 64 bits."""
     return ((key & _MASK) * _GOLDEN) & _MASK
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from engine.block_hash import BlockHash
+from engine.prefix_summary import depth_tokens, probe_keys
 from router.cache_aware import CacheAwarePolicy
 from router.config import RouterConfig
 from router.decisions import DecodeChoice, PrefillChoice, RouteDecision, RouteReason
@@ -27,7 +28,6 @@ from router.load import LoadReport, LoadTable
 from router.policies import make_policy
 from router.prefix import PrefixKeyer
 from router.ring import HashRing
-from router.summary import depth_tokens, probe_keys
 
 
 class NoWorkerError(LookupError):
@@ -90,7 +90,7 @@ class Router:
         """Pick the prefill worker for a prompt and count the prompt against it until its next report.
 
         Raises ``NoWorkerError`` if the prefill pool is empty. The cache_aware policy keys by the
-        prompt's probe keys (``router.summary``) and leaves ``prefix_key`` None.
+        prompt's probe keys (``engine.prefix_summary``) and leaves ``prefix_key`` None.
         """
         if self._cache_aware is not None:
             probes = probe_keys(prompt_token_ids, self.config.block_size, tenant)
@@ -100,7 +100,7 @@ class Router:
 
     def choose_prefill_by_probes(self, probes: list[int], num_prompt_tokens: int) -> PrefillChoice:
         """cache_aware: :meth:`choose_prefill` with the probe keys already computed (a replay of
-        per-block ids computes them with ``router.summary.probe_keys(ids, 1)``). The chosen worker is
+        per-block ids computes them with ``engine.prefix_summary.probe_keys(ids, 1)``). The chosen worker is
         charged the prompt's expected uncached tokens, and counted as holding its probe keys."""
         if self._cache_aware is None:
             raise ValueError(f"choose_prefill_by_probes needs policy cache_aware, not {self.config.policy}")

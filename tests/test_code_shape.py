@@ -30,15 +30,15 @@ MAX_FUNCTION_LINES = 60
 ALLOWED_IMPORTS: dict[str, set[str]] = {
     "engine": {"engine"},
     "kv_transfer": {"kv_transfer", "engine.kv_memory"},
-    "router": {"router", "engine.block_hash", "engine.kv_memory"},
+    "router": {"router", "engine.block_hash", "engine.kv_memory", "engine.prefix_summary"},
     "worker_common": {"worker_common", "engine", "kv_transfer"},
     "prefill_worker": {"prefill_worker", "worker_common", "engine", "kv_transfer"},
     "decode_worker": {"decode_worker", "worker_common", "engine", "kv_transfer"},
     # capacity drives the real router, scheduler rules and autoscaling policies (torch-free, Ray-free);
     # only capacity.calibrate imports the engine (lazily) to time it
-    "capacity": {"capacity", "engine.kv_memory", "engine.scheduling_rules", "router", "cluster.autoscaling",
-                 "cluster.bench", "cluster.config", "engine.config", "engine.llm_engine",
-                 "engine.sampling"},
+    "capacity": {"capacity", "engine.kv_memory", "engine.scheduling_rules", "engine.prefix_summary", "router",
+                 "cluster.autoscaling", "cluster.bench", "cluster.config", "engine.config",
+                 "engine.llm_engine", "engine.sampling"},
 }
 PROJECT = set(PACKAGES) | {"protos"}
 

@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.prefix_summary import PrefixSummary, probe_keys
 from router.config import RouterConfig
 from router.load import LoadReport
 from router.router import Router
-from router.summary import PrefixSummary, probe_keys
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Hashable
 
+from engine.prefix_summary import PrefixSummary, SummaryBuilder, probe_keys
 from router.config import RouterConfig
 from router.load import LoadReport
 from router.prefix import PrefixKeyer
 from router.replay.simulator import PoolView, SimRequest
 from router.router import Router
-from router.summary import PrefixSummary, SummaryBuilder, probe_keys
 
 
 class ReplayPolicy(ABC):
@@ -92,7 +92,7 @@ class RouterPolicy(ReplayPolicy):
 class PdservePolicy(RouterPolicy):
     """pdserve's ``Router`` with the cache_aware policy, fed each worker's prefix summary.
 
-    Each simulated worker keeps a ``router.summary.SummaryBuilder`` over its own LRU cache (the
+    Each simulated worker keeps a ``engine.prefix_summary.SummaryBuilder`` over its own LRU cache (the
     anchor of a probe key is the block id at its depth) and rebuilds its summary every
     ``summary_period_s`` of simulated time; between rebuilds its reports carry the same summary
     (the router counts what it has itself sent since). Load reports are fresh at every decision, as

@@ -23,8 +23,8 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine.prefix_summary import SummaryBuilder, probe_depths, probe_keys
 from router.replay.cache import LRUPrefixCache
-from router.summary import SummaryBuilder, probe_depths, probe_keys
 from router.traces import MOONCAKE_BLOCK_TOKENS, TraceRecord
 
 

@@ -27,10 +27,10 @@ from typing import Any
 import grpc
 import pytest
 
+from engine.prefix_summary import probe_keys
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc
 from router.ring import HashRing, int_key_position
-from router.summary import probe_keys
 from tests.integration.int_helpers import (
     cluster_config,
     reference_greedy,

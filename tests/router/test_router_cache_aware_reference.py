@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import random
 
+from engine.prefix_summary import PrefixSummary, depth_tokens
 from router.cache_aware import CacheAwarePolicy
 from router.config import RouterConfig
 from router.decisions import RouteReason
 from router.load import LoadReport, LoadTable
 from router.ring import HashRing, int_key_position
-from router.summary import PrefixSummary, depth_tokens
 
 WORKERS = [f"prefill-{i}" for i in range(6)]
 RING = HashRing(WORKERS)

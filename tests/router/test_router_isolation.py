@@ -44,7 +44,7 @@ import json, random, sys
 from router.config import RouterConfig
 from router.load import LoadReport
 from router.router import Router
-from router.summary import SummaryBuilder, probe_depths, probe_keys
+from engine.prefix_summary import SummaryBuilder, probe_depths, probe_keys
 
 router = Router(RouterConfig(block_size=16, replicate_margin_tokens=3000, split_margin_tokens=300))
 workers = [f"prefill-{i}" for i in range(6)]

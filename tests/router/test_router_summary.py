@@ -1,4 +1,4 @@
-"""Prefix summaries (router.summary, worker_common.prefix_summary) and the cache_aware policy."""
+"""Prefix summaries (engine.prefix_summary, worker_common.prefix_summary) and the cache_aware policy."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 
 from engine.block_hash import block_hashes
 from engine.prefix_index import PrefixIndex
+from engine.prefix_summary import PrefixSummary, SummaryBuilder, probe_depths, probe_keys
 from router.config import RouterConfig
 from router.decisions import RouteReason
 from router.load import LoadReport
 from router.ring import HashRing, int_key_position
 from router.router import Router
-from router.summary import PrefixSummary, SummaryBuilder, probe_depths, probe_keys
 from worker_common import prefix_summary as worker_summary
 
 PREFILL = [f"prefill-{i}" for i in range(4)]
@@ -27,11 +27,11 @@ def tokens(seed: int, n: int) -> list[int]:
 
 @pytest.mark.parametrize("length", [0, 3, 4, 5, 16, 63, 64, 65, 1000, 4096])
 @pytest.mark.parametrize("tenant", ["", "acme"])
-def test_router_and_worker_probe_keys_agree(length: int, tenant: str) -> None:
+def test_probe_keys_of_a_list_and_a_tuple_agree(length: int, tenant: str) -> None:
     prompt = tokens(length, length)
     keys = probe_keys(prompt, 4, tenant)
-    assert keys == worker_summary.probe_keys(prompt, 4, tenant) == probe_keys(tuple(prompt), 4, tenant)
-    assert len(keys) == len(probe_depths(length // 4)) == len(worker_summary.probe_depths(length // 4))
+    assert keys == probe_keys(tuple(prompt), 4, tenant)
+    assert len(keys) == len(probe_depths(length // 4))
 
 
 def test_probe_keys_follow_the_shared_prefix() -> None:

@@ -20,8 +20,8 @@ A worker's summary is the probe keys of prompts it prefilled whose block at that
 its prefix cache (``worker_common.prefix_summary`` builds it from the engine's prefix index, the
 replay from its simulated caches), most recent first, at most ``RouterConfig.summary_max_keys``.
 
-``worker_common/prefix_summary.py`` holds a copy of :func:`probe_keys` (``worker_common`` may not
-import ``router``); ``tests/router/test_router_summary.py`` checks the two agree bit for bit.
+It lives in ``engine`` (torch-free, like ``engine.block_hash``) because both sides use it: the router
+and the replay here, the prefill worker through ``worker_common.prefix_summary``.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ class SummaryBuilder:
     The anchor of a probe key is whatever names the cached block at that depth in the worker's own
     cache (the engine: the block's chain hash; the replay: its block id); ``build`` asks
     ``is_cached(anchor)``. At most ``max_keys`` keys are published; entries beyond twice that are
-    forgotten oldest first. ``worker_common.prefix_summary.PrefixSummaryBuilder`` is the same logic
-    over the engine's prefix index.
+    forgotten oldest first. ``worker_common.prefix_summary.PrefixSummaryBuilder`` runs it over the
+    engine's prefix index.
     """
 
     def __init__(self, max_keys: int):
