@@ -8,7 +8,9 @@ so tests and several replicas in one process stay apart):
   finished requests by reason, router decisions by reason, KV bytes handed off and recomputes;
 - per replica, filled at scrape time from the replicas' ``ReplicaLoad`` reports (``set_pool_loads``):
   running / waiting requests, KV blocks used / cached / free, the Gateway API Inference Extension's
-  ``vllm:*`` gauges, and the engines' own totals (evicted blocks by victim and causing tenant, ...).
+  ``vllm:*`` gauges, and the engines' own totals (evicted blocks by victim and causing tenant, ...);
+- per ingress replica, read at scrape time from its ``MigrationLog`` and ``KVAdmission``
+  (``watch_reliability``): migrations by outcome, admission refusals by reason, the queue's depth.
 
 Names follow vLLM's (``vllm:time_to_first_token_seconds`` -> ``pdserve:time_to_first_token_seconds``).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -167,6 +170,11 @@ class IngressMetrics:
         """The replicas' latest reports, read by the next scrape."""
         self.replicas.pools = list(pools)
 
+    def watch_reliability(self, migration: Any, admission: Any) -> None:
+        """Serve this replica's migration and admission counters (``cluster.migration.MigrationLog``,
+        ``cluster.admission.KVAdmission``: anything with their ``snapshot()``), read at scrape time."""
+        self.registry.register(ReliabilityCollector(migration, admission))
+
 
 # (metric name, help, ReplicaLoad field or property); every one labelled by pool and replica.
 _GAUGES = (
@@ -189,6 +197,56 @@ _TOTALS = (
     ("pdserve:replica_leases_expired", "Prefill: pinned KV leases that ended unreleased", "leases_expired"),
     ("pdserve:replica_recomputed_requests", "Decode: failed pulls recomputed here", "recomputed_requests"),
 )
+
+
+# admission snapshot count -> the reason label of pdserve:admission_refused_total
+_REFUSALS = (
+    ("refused_queue_full", "queue_full"), ("refused_wait", "queue_wait"), ("never_fits", "never_fits")
+)
+
+
+class ReliabilityCollector(Collector):
+    """Decode-stream migrations and admission control of one ingress replica, from their snapshots."""
+
+    def __init__(self, migration: Any, admission: Any) -> None:
+        self.migration = migration
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        moves = self.migration.snapshot()
+        migrations = CounterMetricFamily(
+            "pdserve:migrations",
+            "Decode-replica losses of a stream: migrated (moved to another replica) or failed (UNAVAILABLE)",
+            labels=["outcome"],
+        )
+        migrations.add_metric(["migrated"], float(moves["num_migrations"]))
+        migrations.add_metric(["failed"], float(moves["num_failed"]))
+        yield migrations
+        books = self.admission.snapshot()
+        refused = CounterMetricFamily(
+            "pdserve:admission_refused", "Requests refused by admission control, by reason", labels=["reason"]
+        )
+        for key, reason in _REFUSALS:
+            refused.add_metric([reason], float(books[key]))
+        yield refused
+        yield CounterMetricFamily(
+            "pdserve:admission_admitted", "Requests admitted (KV reserved)", value=float(books["admitted"])
+        )
+        yield CounterMetricFamily(
+            "pdserve:admission_queued", "Requests that waited in the queue", value=float(books["queued"])
+        )
+        yield GaugeMetricFamily(
+            "pdserve:admission_queue_depth", "Requests waiting for KV budget now", value=books["queue_depth"]
+        )
+        yield GaugeMetricFamily(
+            "pdserve:admission_queue_limit", "Queue bound (admission.max_queue)", value=books["max_queue"]
+        )
+        reserved = GaugeMetricFamily(
+            "pdserve:admission_reserved_blocks", "KV blocks reserved by admitted requests", labels=["pool"]
+        )
+        for pool, blocks in books["reserved_blocks"].items():
+            reserved.add_metric([pool], float(blocks))
+        yield reserved
 
 
 class ReplicaLoadCollector(Collector):

@@ -103,6 +103,7 @@ class RequestPath:
             self._kv_blocks_per_replica,
             config.ingress.num_replicas,
         )
+        self.metrics.watch_reliability(self.migration, self.admission)  # migrations, refusals, queue depth
 
     async def generate(
         self, request: ValidRequest, parent: TraceParent | None = None

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.admission import AdmissionConfig, AdmissionRefused, KVAdmission, NeverFits
 from cluster.metrics import IngressMetrics, MetricsConfig, RequestFacts, route_decisions
+from cluster.migration import (
+    DecodeReplicaLost,
+    MigrationConfig,
+    MigrationFailed,
+    MigrationLog,
+    StreamProgress,
+)
 from cluster.openai_api.metrics import HttpMetrics
 from cluster.stats import ReplicaLoad
 from protos import pdserve_pb2 as pb
@@ -144,3 +155,40 @@ def test_openmetrics_keeps_the_colon_names() -> None:
     assert "\npdserve:generation_tokens_total 3.0\n" in text.decode()
     plain, plain_type = http.render("")
     assert plain_type.startswith("text/plain") and "\npdserve:generation_tokens_total 3.0\n" in plain.decode()
+
+
+def test_migration_and_admission_counters_come_from_their_books() -> None:
+    """pdserve:migrations_total{outcome}, pdserve:admission_refused_total{reason} and the queue gauges
+    read the ingress's real MigrationLog and KVAdmission at scrape time."""
+    migration = MigrationLog(MigrationConfig(max_migrations=1))
+    config = AdmissionConfig(max_queue=1, max_queue_wait_s=5.0)
+    admission = KVAdmission(config, 16, ("decode",), lambda _: [10])
+    metrics = IngressMetrics()
+    metrics.watch_reliability(migration, admission)
+    loss = DecodeReplicaLost("d1", "the stream broke", 0.0)
+    migration.on_loss("r1", loss, StreamProgress(), 1)  # moves
+    with pytest.raises(MigrationFailed):
+        migration.on_loss("r1", loss, StreamProgress(), 2)  # past max_migrations: fails
+
+    async def fill() -> None:
+        held = await admission.admit(100, 60)  # 10 blocks: the whole budget
+        waiting = asyncio.ensure_future(admission.admit(100, 60))
+        await asyncio.sleep(0)
+        assert _samples(metrics)[("pdserve:admission_queue_depth", ())] == 1
+        with pytest.raises(AdmissionRefused):
+            await admission.admit(1, 1)  # the queue (1) is full
+        with pytest.raises(NeverFits):
+            await admission.admit(100, 200)  # 19 blocks > the replica's 10
+        held.release()
+        (await waiting).release()
+
+    asyncio.run(fill())
+    s = _samples(metrics)
+    assert s[("pdserve:migrations_total", (("outcome", "migrated"),))] == 1
+    assert s[("pdserve:migrations_total", (("outcome", "failed"),))] == 1
+    assert s[("pdserve:admission_refused_total", (("reason", "queue_full"),))] == 1
+    assert s[("pdserve:admission_refused_total", (("reason", "never_fits"),))] == 1
+    assert s[("pdserve:admission_refused_total", (("reason", "queue_wait"),))] == 0
+    assert s[("pdserve:admission_admitted_total", ())] == 2 and s[("pdserve:admission_queued_total", ())] == 1
+    assert s[("pdserve:admission_queue_depth", ())] == 0 and s[("pdserve:admission_queue_limit", ())] == 1
+    assert s[("pdserve:admission_reserved_blocks", (("pool", "decode"),))] == 0
