@@ -101,20 +101,8 @@ def fit(
         by_shape.setdefault(step, []).append(seconds)
     shapes = list(by_shape)
     times = np.array([float(np.median(by_shape[s])) for s in shapes])
-    rows = (
-        np.array([[1.0, s.num_tokens, s.num_seqs, s.attn_pairs, s.kv_tokens] for s in shapes])
-        / times[:, None]
-    )
-    times = np.ones(len(shapes))
-    active = list(range(rows.shape[1]))
-    coefficients = np.zeros(rows.shape[1])
-    for _ in range(rows.shape[1]):
-        solution, *_ = np.linalg.lstsq(rows[:, active], times, rcond=None)
-        if (solution >= 0).all():
-            coefficients[active] = solution
-            break
-        active = [a for a, value in zip(active, solution, strict=True) if value >= 0]
-    overhead, per_token, per_seq, per_pair, per_kv = (float(c) for c in coefficients)
+    rows = np.array([[1.0, s.num_tokens, s.num_seqs, s.attn_pairs, s.kv_tokens] for s in shapes])
+    overhead, per_token, per_seq, per_pair, per_kv = nonnegative_fit(rows, times)
     return LinearCost(
         kv_bytes_per_token,
         overhead,
@@ -126,6 +114,21 @@ def fit(
         transfer_overhead_s,
         source,
     )
+
+
+def nonnegative_fit(rows: np.ndarray, times: np.ndarray) -> list[float]:
+    """Least squares of ``times`` on ``rows`` in relative error (each row divided by its time), the
+    coefficients non-negative by dropping the negative ones and refitting (numpy only: no scipy here)."""
+    scaled, target = rows / times[:, None], np.ones(len(times))
+    active = list(range(rows.shape[1]))
+    coefficients = np.zeros(rows.shape[1])
+    for _ in range(rows.shape[1]):
+        solution, *_ = np.linalg.lstsq(scaled[:, active], target, rcond=None)
+        if (solution >= 0).all():
+            coefficients[active] = solution
+            break
+        active = [a for a, value in zip(active, solution, strict=True) if value >= 0]
+    return [float(c) for c in coefficients]
 
 
 def calibrate(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from capacity.costs import CostModel, LinearCost, RooflineCost
+from capacity.costs import CostModel, LinearCost, RooflineCost, ServedCost
 from capacity.model import DEVICES, MIB, MODELS, ModelSpec, NodeSpec, model_from_checkpoint
 from capacity.plan import EngineLimits, SLOs, WorkloadStats, plan
 
@@ -39,7 +39,13 @@ def resolve_model(
 
 
 def cost_model(model: ModelSpec, node: NodeSpec, calibration: str | None) -> CostModel:
-    return LinearCost.load(calibration) if calibration else RooflineCost(model, node)
+    """A calibration file (an engine fit, or a served cluster's: ``"kind": "served"``) or the roofline."""
+    if not calibration:
+        return RooflineCost(model, node)
+    data = json.loads(Path(calibration).read_text())
+    if data.pop("kind", None) == "served":
+        return ServedCost(**data)
+    return LinearCost(**data)
 
 
 def model_options(func):

@@ -33,13 +33,14 @@ class Step:
     num_seqs: int  # sequences in the batch
     attn_pairs: float  # sum over computed tokens of the context they attend to
     kv_tokens: float  # KV tokens read (sum of the sequences' context lengths)
+    num_prefills: int = 0  # of num_seqs, the prefill chunks (0: a decode-only step)
 
 
 def prefill_step(chunks: list[tuple[int, int]]) -> Step:
     """A step of prefill chunks ``(num_cached_or_done_tokens, num_new_tokens)``."""
     tokens = sum(n for _, n in chunks)
     pairs = sum(n * s + n * (n + 1) / 2 for s, n in chunks)
-    return Step(tokens, len(chunks), pairs, sum(s + n for s, n in chunks))
+    return Step(tokens, len(chunks), pairs, sum(s + n for s, n in chunks), len(chunks))
 
 
 def decode_step(batch: int, context_tokens: float) -> Step:
@@ -47,10 +48,18 @@ def decode_step(batch: int, context_tokens: float) -> Step:
     return Step(batch, batch, context_tokens, context_tokens)
 
 
+def _contexts(context_tokens: float, batch: int, num_steps: int) -> list[float]:
+    """The batch's summed context at each of ``num_steps`` decode steps (one token more per sequence a
+    step); integer-valued floats, so ``c + k * batch`` is exactly the running sum."""
+    return [context_tokens + k * batch for k in range(num_steps)]
+
+
 class CostModel(Protocol):
     kv_bytes_per_token: int
 
     def step_s(self, step: Step) -> float: ...
+
+    def decode_durations(self, batch: int, context_tokens: float, num_steps: int) -> list[float]: ...
 
     def transfer_s(self, num_bytes: float) -> float: ...
 
@@ -87,6 +96,18 @@ class RooflineCost:
         memory = weights + per_kv_token * step.kv_tokens
         return (compute if compute > memory else memory) + overhead
 
+    def decode_durations(self, batch: int, context_tokens: float, num_steps: int) -> list[float]:
+        """``step_s(decode_step(batch, c))`` for ``num_steps`` consecutive decode steps, ``c`` growing by
+        ``batch`` a step: the same arithmetic, bit for bit, without a Step per step (the simulator's
+        decode runs call this on every batch change)."""
+        per_token, per_pair, weights, per_kv_token, overhead = self._coefficients
+        tokens = per_token * batch
+        durations = []
+        for ctx in _contexts(context_tokens, batch, num_steps):
+            compute, memory = tokens + per_pair * ctx, weights + per_kv_token * ctx
+            durations.append((compute if compute > memory else memory) + overhead)
+        return durations
+
     def transfer_s(self, num_bytes: float) -> float:
         return num_bytes / self.node.device.interconnect_bytes_per_s
 
@@ -119,6 +140,12 @@ class LinearCost:
             + self.per_kv_token_s * step.kv_tokens,
         )
 
+    def decode_durations(self, batch: int, context_tokens: float, num_steps: int) -> list[float]:
+        """As :meth:`RooflineCost.decode_durations` (the same sums in the same order as ``step_s``)."""
+        base = self.overhead_s + self.per_token_s * batch + self.per_seq_s * batch
+        pair, kv = self.per_pair_s, self.per_kv_token_s
+        return [max(0.0, base + pair * c + kv * c) for c in _contexts(context_tokens, batch, num_steps)]
+
     def transfer_s(self, num_bytes: float) -> float:
         return self.transfer_overhead_s + num_bytes / self.transfer_bytes_per_s
 
@@ -138,3 +165,67 @@ class LinearCost:
     @classmethod
     def load(cls, path: str | Path) -> LinearCost:
         return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class ServedCost:
+    """Step costs as a served cluster shows them (``capacity.served`` fits them to the per-request
+    server timings of a live cluster): a step with prefill chunks costs ``prefill_s + per_prefill_token
+    x tokens + per_prefill_pair x attention pairs`` (the prefill replica's whole per-request work: the
+    step, the KV export, the result message), a decode-only step ``decode_s + per_decode_seq x batch +
+    per_decode_kv_token x KV tokens read`` (batch-size dependent), a KV hand-off ``transfer_s`` (the
+    ingress's call to the decode replica, the pull, the admission), and every request ``path_s``
+    outside the engines (client -> ingress -> prefill replica and the first token's way back), added to
+    TTFT and E2E."""
+
+    kv_bytes_per_token: int
+    prefill_s: float
+    per_prefill_token_s: float
+    per_prefill_pair_s: float
+    decode_s: float
+    per_decode_seq_s: float
+    per_decode_kv_token_s: float
+    transfer_overhead_s: float
+    per_transfer_token_s: float  # the hand-off grows with the prompt (the KV written into the decode cache)
+    path_s: float
+    prefill_shared: float  # slowdown of a prefill step while the decode replica works (shared cores)
+    decode_shared: float  # slowdown of a decode step while the prefill replica works
+    source: str
+    # the machine's step-to-step noise: observed / fitted time of the probes' prefills and decode
+    # gaps; the simulator multiplies each step by one drawn at random (seeded), () for none
+    prefill_jitter: tuple[float, ...] = ()
+    decode_jitter: tuple[float, ...] = ()
+
+    def step_s(self, step: Step) -> float:
+        if step.num_prefills:
+            return (
+                self.prefill_s
+                + self.per_prefill_token_s * step.num_tokens
+                + self.per_prefill_pair_s * step.attn_pairs
+            )
+        decode = self.decode_s + self.per_decode_seq_s * step.num_seqs
+        return decode + self.per_decode_kv_token_s * step.kv_tokens
+
+    def decode_durations(self, batch: int, context_tokens: float, num_steps: int) -> list[float]:
+        base, kv = self.decode_s + self.per_decode_seq_s * batch, self.per_decode_kv_token_s
+        return [base + kv * c for c in _contexts(context_tokens, batch, num_steps)]
+
+    def transfer_s(self, num_bytes: float) -> float:
+        return self.transfer_overhead_s + self.per_transfer_token_s * num_bytes / self.kv_bytes_per_token
+
+    def describe(self) -> str:
+        return (
+            f"served ({self.source}): prefill = {self.prefill_s * 1e3:.1f} ms"
+            f" + {self.per_prefill_token_s * 1e6:.1f} us/token"
+            f" + {self.per_prefill_pair_s * 1e9:.2f} ns/attn pair;"
+            f" decode step = {self.decode_s * 1e3:.1f} ms + {self.per_decode_seq_s * 1e3:.2f} ms/seq"
+            f" + {self.per_decode_kv_token_s * 1e6:.2f} us/KV token;"
+            f" KV hand-off {self.transfer_overhead_s * 1e3:.1f} ms"
+            f" + {self.per_transfer_token_s * 1e6:.1f} us/token;"
+            f" path {self.path_s * 1e3:.1f} ms/request;"
+            f" sharing 2 cores: prefill x{1 + self.prefill_shared:.2f}"
+            f" while decoding, decode x{1 + self.decode_shared:.2f} while prefilling"
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"kind": "served", **asdict(self)}) + "\n")

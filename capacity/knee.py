@@ -19,7 +19,7 @@ from typing import Any
 from capacity.costs import CostModel, decode_step, prefill_step
 from capacity.sim import PoolShape, SimConfig, Simulation
 from capacity.workload import SimRequest
-from cluster.bench.sweep import find_knee
+from cluster.bench.sweep import find_knee, latency_fields
 from engine.scheduling_rules import blocks_for
 from router import RouterConfig
 
@@ -92,10 +92,7 @@ def simulated_sweep(
             {
                 "concurrency": concurrency,
                 "output_tokens_per_s": summary["output_token_throughput"],
-                "ttft_p50_ms": summary["ttft_ms"]["p50"],
-                "ttft_p99_ms": summary["ttft_ms"]["p99"],
-                "tpot_p50_ms": summary["tpot_ms"]["p50"],
-                "tpot_p99_ms": summary["tpot_ms"]["p99"],
+                **latency_fields(summary),
                 "kv_used_share": decode.get("kv_used"),
             }
         )

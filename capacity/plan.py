@@ -233,7 +233,7 @@ def _mixed_batch(
         prefill = prefill_step([(int(cached), chunk)])
         ctx = batch * workload.mean_context
         return cost.step_s(
-            Step(prefill.num_tokens + batch, batch + 1, prefill.attn_pairs + ctx, prefill.kv_tokens + ctx)
+            Step(prefill.num_tokens + batch, batch + 1, prefill.attn_pairs + ctx, prefill.kv_tokens + ctx, 1)
         )
 
     if step_of(1) > target_s:

@@ -155,6 +155,27 @@ def day_table(num_bins: int = 24) -> tuple[str, list[float]]:
     return "\n".join(lines) + "\n", profile
 
 
+def speed(seconds: float, profile: list[float] | None, label: str) -> str:
+    """The 1,000-worker simulation's speed: ``seconds`` simulated (the peak's 5k req/s, or the day's
+    rates when ``profile`` is given), wall and CPU seconds of the run, the load average around it."""
+    import os
+
+    p40 = _plans()[0.4]
+    n_p = round(p40.prefill_nodes * 1000 / (p40.prefill_nodes + p40.decode_nodes))
+    n_d = 1000 - n_p
+    load = os.getloadavg()[0]
+    cpu = time.process_time()
+    summary, wall, simulated = check(n_p, n_d, 0.4, 1.0, seconds, 20, until_s=seconds, profile=profile)
+    cpu = time.process_time() - cpu
+    return (
+        f"speed, {label}: 1,000 workers ({n_p} prefill + {n_d} decode, 20 routing cells), 40 % hits, "
+        f"{summary['num_completed']:,} requests completed: {simulated:.1f} simulated s in {wall:.1f} s wall "
+        f"({cpu:.1f} CPU s with the set-up) = {simulated / wall:.2f} x real time "
+        f"({simulated / cpu:.2f} x per CPU second); load average {load:.1f} -> {os.getloadavg()[0]:.1f}; "
+        f"TTFT p99 {summary['ttft_ms']['p99']:,.0f} ms, TPOT p99 {summary['tpot_ms']['p99']:,.1f} ms"
+    )
+
+
 @click.command()
 @click.option(
     "--scale", type=float, default=0.05, show_default=True, help="Share of the peak and pools simulated."
@@ -165,22 +186,27 @@ def day_table(num_bins: int = 24) -> tuple[str, list[float]]:
     type=float,
     default=10.0,
     show_default=True,
-    help="Simulated seconds of the full-size (1,000-worker) speed run.",
+    help="Simulated seconds of the full-size (1,000-worker) run at the 5k req/s peak.",
 )
-def main(scale: float, seconds: float, speed_seconds: float) -> None:
+@click.option(
+    "--hour-seconds",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Simulated seconds per hour of the day in the 1,000-worker day run (its 24 hourly rates).",
+)
+@click.option("--speed-only", is_flag=True, help="Only the two 1,000-worker speed runs.")
+def main(scale: float, seconds: float, speed_seconds: float, hour_seconds: float, speed_only: bool) -> None:
     click.echo(f"cost model: {COST.describe()}\n")
-    click.echo(peak_table(scale, seconds))
-    table, _ = day_table()
-    click.echo(table)
-    p40 = _plans()[0.4]
-    n_p, n_d = round(p40.prefill_nodes * 1000 / (p40.prefill_nodes + p40.decode_nodes)), 0
-    n_d = 1000 - n_p
-    summary, wall, simulated = check(n_p, n_d, 0.4, 1.0, speed_seconds, 20, until_s=speed_seconds)
+    table, profile = day_table()
+    if not speed_only:
+        click.echo(peak_table(scale, seconds))
+        click.echo(table)
+    rates = f"{min(profile) * PEAK:,.0f}-{max(profile) * PEAK:,.0f} req/s"
     click.echo(
-        f"speed: 1,000 workers ({n_p} prefill + {n_d} decode, 20 routing cells), {PEAK:g} req/s, 40 % hits: "
-        f"{simulated:.1f} simulated s in {wall:.1f} s wall = {simulated / wall:.2f} x real time; "
-        f"TTFT p99 {summary['ttft_ms']['p99']:,.0f} ms, TPOT p99 {summary['tpot_ms']['p99']:,.1f} ms"
+        speed(24 * hour_seconds, profile, f"the day's 24 hourly rates ({rates}), {hour_seconds:g} s each")
     )
+    click.echo(speed(speed_seconds, None, f"the {PEAK:,.0f} req/s peak"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,12 @@ class SimConfig:
     # its share of both pools; a request goes to the cell of its leading prefix units), as a large
     # deployment puts ingress groups in front of node groups. 1 = one router over every worker.
     num_cells: int = 1
+    # every worker on one machine's cores (the validation's 1P + 1D on 2 cores): a prefill step that
+    # starts while a decode worker is busy takes (1 + cost.prefill_shared) x its cost, a decode step
+    # while a prefill step runs (1 + cost.decode_shared) x (runs in progress are re-planned when a
+    # prefill step starts or ends). A small cluster's knob: it scans the workers at every step.
+    shared_cores: bool = False
+    seed: int = 0  # draws of a served cost's step noise
 
 
 class PromptView:
@@ -105,6 +112,7 @@ class Job:
         "first_token_s",
         "last_token_s",
         "prefill_id",
+        "probes",
         "req",
     )
 
@@ -119,6 +127,7 @@ class Job:
         self.finish_step = 0
         self.decode_id = ""
         self.prefill_id = ""
+        self.probes: list[int] = []  # cache_aware: the prompt's probe keys (computed once, at arrival)
 
 
 class Worker:
@@ -198,10 +207,16 @@ class Simulation:
         self.seq = itertools.count()
         self.now = 0.0
         self.workers: dict[str, Worker] = {}
+        self._cell_members: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self.pools: dict[str, list[str]] = {"prefill": [], "decode": []}
         self.starting: dict[str, int] = {"prefill": 0, "decode": 0}
         self.counter = itertools.count()
         self.metrics = SimMetrics()
+        # a served cost's noise (capacity.served): each step x a draw from its observed / fitted ratios
+        self._prefill_jitter = tuple(getattr(cost, "prefill_jitter", ()))
+        self._decode_jitter = tuple(getattr(cost, "decode_jitter", ()))
+        self._rng = random.Random(config.seed)
+        self.metrics.path_s = getattr(cost, "path_s", 0.0)  # a served cost's per-request path (ingress, RPCs)
         self.colocated = config.prefill is None
         # cache_aware routes on probe keys of the prompt's prefix units (engine.prefix_summary: a replay of
         # per-block ids passes the ids with block size 1, and the router's block is then one unit)
@@ -246,7 +261,10 @@ class Simulation:
                 for pool, ids in self.pools.items()
             }
             prefill = live["decode"] if self.colocated else live["prefill"]
-            router.set_workers(prefill, live["decode"])
+            members = (tuple(prefill), tuple(live["decode"]))
+            if self._cell_members.get(cell) != members:  # a ring rebuild costs O(points x workers)
+                self._cell_members[cell] = members
+                router.set_workers(prefill, live["decode"])
 
     def _autoscale(self) -> Autoscale:
         assert self.config.autoscale is not None
@@ -315,7 +333,8 @@ class Simulation:
             hash(request.prefix_ids[:4]) % len(self.routers) if len(self.routers) > 1 else 0
         ]
         if self.cache_aware:
-            choice = router.choose_prefill_by_probes(probe_keys(request.prefix_ids, 1), request.input_len)
+            job.probes = probe_keys(request.prefix_ids, 1)
+            choice = router.choose_prefill_by_probes(job.probes, request.input_len)
         else:
             choice = router.choose_prefill(PromptView(request, self.unit_tokens))
         job.prefill_id = choice.worker_id
@@ -335,15 +354,10 @@ class Simulation:
         MAX_RUN_STEPS: one event for the run instead of one per step. A request arriving meanwhile cuts
         the run at the step in progress (:meth:`_cut_run`), so it joins at the next step boundary as in
         the engine."""
-        batch, ctx, step_s = worker.batch, worker.ctx_sum, self.cost.step_s
         num_steps = 1
         if worker.finishing and not worker.decode_waiting:
             num_steps = min(MAX_RUN_STEPS, max(1, worker.finishing[0][0] - worker.step_index))
-        durations = []
-        for _ in range(num_steps):
-            durations.append(step_s(Step(batch, batch, ctx, ctx)))
-            ctx += batch
-        return durations
+        return self.cost.decode_durations(worker.batch, worker.ctx_sum, num_steps)
 
     def _cut_run(self, worker: Worker) -> None:
         assert worker.run is not None
@@ -371,6 +385,12 @@ class Simulation:
                 worker.busy = False
                 return
             durations = self._decode_run(worker)
+            if self._decode_jitter:
+                draw, noise = self._rng.choice, self._decode_jitter
+                durations = [d * draw(noise) for d in durations]
+            if self.config.shared_cores and self._others_busy(worker, prefill=True):
+                factor = 1.0 + getattr(self.cost, "decode_shared", 0.0)
+                durations = [d * factor for d in durations]
             worker.busy = True
             worker.busy_s += sum(durations)
             worker.run = (self.now, durations)
@@ -395,13 +415,31 @@ class Simulation:
             shape_of.num_seqs + worker.batch,
             shape_of.attn_pairs + worker.ctx_sum,
             shape_of.kv_tokens + worker.ctx_sum,
+            shape_of.num_prefills,
         )
         duration = self.cost.step_s(step)
+        if self._prefill_jitter:
+            duration *= self._rng.choice(self._prefill_jitter)
+        if self.config.shared_cores and self._others_busy(worker, prefill=False):
+            duration *= 1.0 + getattr(self.cost, "prefill_shared", 0.0)
         worker.busy = True
         worker.busy_s += duration
         worker.run = None
         worker.version += 1
         self._push(self.now + duration, STEP_END, (worker, chunks, [duration], joined, worker.version))
+        if self.config.shared_cores:
+            self._replan_others(worker)
+
+    def _others_busy(self, worker: Worker, prefill: bool) -> bool:
+        """shared_cores: whether another worker is in a prefill step (``prefill``) or a decode run."""
+        return any(w is not worker and w.busy and (w.run is None) == prefill for w in self.workers.values())
+
+    def _replan_others(self, worker: Worker) -> None:
+        """shared_cores: cut the other workers' decode runs at the step in progress (their next steps
+        are planned with the cores' new sharing)."""
+        for other in self.workers.values():
+            if other is not worker and other.run is not None and len(other.run[1]) > 1:
+                self._cut_run(other)
 
     def _admit_prefills(self, worker: Worker, budget: int, chunks: list[tuple[Job, int]]) -> None:
         shape, block_size = worker.shape, self.config.block_size
@@ -464,6 +502,8 @@ class Simulation:
             self._decoded(worker, durations, joined)
         worker.busy = False
         self._kick(worker)
+        if chunks and self.config.shared_cores and not worker.busy:
+            self._replan_others(worker)  # the prefill worker went idle
         if worker.draining and not worker.has_work():
             self._retire(worker)
 
@@ -472,7 +512,7 @@ class Simulation:
         worker.cache.insert(job.req.prefix_ids)
         if worker.summary is not None:
             ids = job.req.prefix_ids
-            worker.summary.note(probe_keys(ids, 1), [ids[d - 1] for d in probe_depths(len(ids))])
+            worker.summary.note(job.probes, [ids[d - 1] for d in probe_depths(len(ids))])
         self.metrics.on_first_token(job)
         if job.req.output_len <= 1:
             worker.used_blocks -= job.blocks

@@ -126,14 +126,30 @@ def print_summary(summary: dict, cost_line: str, wall_s: float, sim_s: float, ec
 @click.option("--engine-dtype", default="bfloat16", show_default=True)
 @click.option("--engine-threads", type=int, default=1, show_default=True)
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--validate", is_flag=True,
-              help="Replay scaled Azure conv and Mooncake through an embedded cluster and the simulator.")
-@click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="--validate: the embedded cluster's YAML (e.g. cluster/bench/configs/two-core.yaml).")
-@click.option("--sweep", default=None, metavar="N,N,...",
-              help="Predict the closed-loop concurrency knee at these levels (planner and simulator).")
-@click.option("--measured", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="--sweep: a measured sweep.json (pdserve bench --concurrency ...) to compare with.")
+@click.option(
+    "--validate",
+    is_flag=True,
+    help="Replay scaled Azure conv and Mooncake through an embedded cluster and the simulator "
+    "(without --calibration: the simulator's costs fitted on that cluster first, capacity.served).",
+)
+@click.option(
+    "--cluster-config",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="--validate: the embedded cluster's YAML (e.g. cluster/bench/configs/two-core.yaml).",
+)
+@click.option(
+    "--sweep",
+    default=None,
+    metavar="N,N,...",
+    help="Predict the closed-loop concurrency knee at these levels (planner and simulator).",
+)
+@click.option(
+    "--measured",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="--sweep: a measured sweep.json (pdserve bench --concurrency ...) to compare with.",
+)
 def simulate(**o) -> None:
     """Simulate a cluster (the real router, scheduler rules and autoscaling policies); bench-style figures."""
     out_dir = Path(o["output_dir"] or f"sim-out/{stamp()}")

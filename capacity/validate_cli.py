@@ -49,13 +49,18 @@ def run_checks(o: dict, spec, node, cost, out_dir: Path) -> None:
             click.echo(f"measured: knee {knee}")
         write_json(out_dir / "knee.json", {"cost_model": cost.describe(), **predicted})
     if o["validate"]:
-        from capacity.validate import compare, report, run_real, run_sim
+        from capacity.validate import compare, report, run_sim, validate
 
-        results = []
-        for case in default_cases():
-            real = run_real(case, o["cluster_config"], out_dir)
-            results.append((case, compare(real, run_sim(case, cost, blocks, o["block_size"]))))
-        text = report(results, cost.describe())
+        given = cost if o["calibration"] else None  # without one: fitted on the cluster itself first
+        cost, reals, notes = validate(
+            default_cases(), o["cluster_config"], out_dir, given, spec.kv_bytes_per_token
+        )
+        if not o["calibration"]:
+            cost.save(out_dir / "served-calibration.json")
+        results = [
+            (case, compare(real, run_sim(case, cost, blocks, o["block_size"]))) for case, real in reals
+        ]
+        text = report(results, cost.describe(), notes)
         (out_dir).mkdir(parents=True, exist_ok=True)
         (out_dir / "validation.md").write_text(text)
         click.echo(text)

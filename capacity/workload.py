@@ -99,25 +99,23 @@ def synthetic(
     bins = list(rate_profile) if rate_profile else [1.0]
     fresh = 1 << 40
     while True:
-        inputs = _lengths(rng, mean_input, sigma, chunk, max_context - 1)
-        outputs = _lengths(rng, mean_output, sigma, chunk, max_context)
-        gaps = rng.exponential(1.0, chunk)
-        groups = np.minimum(rng.zipf(1.2, chunk), num_prefix_groups)
+        inputs = _lengths(rng, mean_input, sigma, chunk, max_context - 1).tolist()
+        outputs = _lengths(rng, mean_output, sigma, chunk, max_context).tolist()
+        gaps = rng.exponential(1.0, chunk).tolist()  # Python numbers: numpy scalars cost ~10x per read
+        groups = np.minimum(rng.zipf(1.2, chunk), num_prefix_groups).tolist()
         for k in range(chunk):
             factor = bins[min(len(bins) - 1, int(now / duration_s * len(bins)))]
             now += gaps[k] / (rate * max(factor, 1e-9))
             if now >= duration_s:
                 return
-            input_len = int(inputs[k])
-            output_len = int(min(outputs[k], max_context - input_len))
+            input_len = inputs[k]
+            output_len = min(outputs[k], max_context - input_len)
             shared_units = int(input_len * hit_rate) // unit_tokens
-            num_units = math.ceil(input_len / unit_tokens)
-            group = int(groups[k])
-            ids = [group * 1_000_003 + u for u in range(shared_units)] + list(
-                range(fresh, fresh + num_units - shared_units)
-            )
+            num_units = -(-input_len // unit_tokens)
+            shared = groups[k] * 1_000_003
+            ids = (*range(shared, shared + shared_units), *range(fresh, fresh + num_units - shared_units))
             fresh += num_units - shared_units
-            yield SimRequest(index, now, input_len, max(1, output_len), tuple(ids))
+            yield SimRequest(index, now, input_len, max(1, output_len), ids)
             index += 1
 
 

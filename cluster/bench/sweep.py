@@ -47,6 +47,12 @@ def find_knee(levels: Sequence[int], throughputs: Sequence[float], growth: float
     return None
 
 
+def latency_fields(summary: dict[str, Any]) -> dict[str, float | None]:
+    """``ttft_p50_ms`` ... ``tpot_p99_ms`` of a summary (``pdserve bench``'s or the simulator's: the same
+    keys), the latency columns of every sweep row, measured or predicted (capacity.knee)."""
+    return {f"{k}_{p}_ms": summary[f"{k}_ms"][p] for k in ("ttft", "tpot") for p in ("p50", "p99")}
+
+
 def level_row(concurrency: int, summary: dict[str, Any], kv_budget_bytes: float | None) -> dict[str, Any]:
     """One row of the sweep table from a run's summary (and its ClusterInfo samples' KV use)."""
     decode = summary["pools"].get("decode") or next(iter(summary["pools"].values()), {})
@@ -55,8 +61,7 @@ def level_row(concurrency: int, summary: dict[str, Any], kv_budget_bytes: float 
         "concurrency": concurrency,
         "output_tokens_per_s": summary["output_token_throughput"],
         "request_throughput": summary["request_throughput"],
-        "ttft_p50_ms": summary["ttft_ms"]["p50"], "ttft_p99_ms": summary["ttft_ms"]["p99"],
-        "tpot_p50_ms": summary["tpot_ms"]["p50"], "tpot_p99_ms": summary["tpot_ms"]["p99"],
+        **latency_fields(summary),
         "kv_used_share": kv_share, "kv_used_peak_share": summary.get("kv_peak_share"),
         "kv_used_mib": (kv_share * kv_budget_bytes / 2**20
                         if kv_share is not None and kv_budget_bytes else None),

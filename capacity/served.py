@@ -1,0 +1,162 @@
+"""Calibrate the simulator on a live cluster: a :class:`~capacity.costs.ServedCost` fitted to the
+cluster's own per-request server timings (``pdserve simulate --validate`` runs this on the cluster it
+then validates against, so both see the same machine load).
+
+Two short probe phases run through ``pdserve bench`` against the running cluster (never the
+validation workloads themselves):
+
+* ``probe-c1``: one request at a time, prompts of 16 .. 1,536 tokens, 16 output tokens. Gives the
+  prefill replica's time per request against its uncached tokens (``timings.prefill_ms``: first
+  prefill step -> first token, the step, the KV export and the result), the per-request path outside
+  the engines (client TTFT minus ``prefill_ms``: client -> ingress -> the Ray call to the prefill
+  replica, the first token's way back), the KV hand-off (the first token gap minus the later ones:
+  the call to the decode replica, the pull, the admission), and decode steps at batch 1 over
+  contexts of 16 .. 1,536 tokens.
+* ``probe-c6``: six requests at a time, 64 x 32 tokens: decode steps at batches of about six, with
+  the prefill replica working on the same two cores (how both replicas share them).
+
+Fits are non-negative least squares in relative error (``capacity.calibrate.nonnegative_fit``):
+probe-c1's prefill time on (1, uncached tokens, attention pairs); every token gap after the first on
+(1, the requests decoding at its end, the KV tokens they read), over the gaps during which no prefill
+ran; the sharing slowdowns as the median ratio of observed to fitted time (probe-c6's prefills, the
+gaps that overlapped a prefill); the hand-off linear in the prompt's tokens (a straight-line fit).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from capacity.calibrate import nonnegative_fit
+from capacity.costs import ServedCost
+
+PHASES = (
+    ("probe-c1", {"concurrency": 1, "lengths": "16x16,256x16,768x16,1536x16", "num_requests": 16}),
+    ("probe-c6", {"concurrency": 6, "lengths": "64x32", "num_requests": 18}),
+)
+
+
+def run_phases(address: str, out_dir: Path) -> dict[str, list]:
+    """Run the probe phases against the cluster at ``address``; their request records by phase."""
+    from cluster.bench.config import BenchConfig, parse_length_mix
+    from cluster.bench.report import load_records
+    from cluster.bench.suite import external_target, run_suite
+    from cluster.bench.workload import Workload
+
+    records = {}
+    for name, phase in PHASES:
+        config = BenchConfig(
+            arrival="closed",
+            concurrency=phase["concurrency"],
+            lengths=parse_length_mix(phase["lengths"]),
+            num_requests=phase["num_requests"],
+            max_context=2048,
+            warmup_requests=1,
+            seed=7,  # prompts unlike any validation request's (no shared prefix with them)
+        )
+        documents = run_suite(
+            config,
+            Workload(config),
+            [external_target(address, name)],
+            out_dir / name,
+            show_progress=False,
+            echo=lambda _: None,
+        )
+        records[name] = [r for r in load_records(documents[0]) if r.is_ok]
+    return records
+
+
+def _prefill_intervals(records: Sequence) -> list[tuple[float, float]]:
+    """(start, end) of each request's prefill on the client's clock: its first token minus prefill_ms."""
+    return [
+        (r.message_times_s[0] - r.timings["prefill_ms"] / 1e3, r.message_times_s[0])
+        for r in records
+        if r.message_times_s
+    ]
+
+
+def _decode_gaps(records: Sequence) -> list[tuple[float, float, float, bool]]:
+    """(batch, KV tokens read, gap s, whether a prefill ran meanwhile) for every token gap after the
+    first (the first one holds the hand-off); the batch is the requests decoding at the gap's end."""
+    spans = [(r.message_times_s[0], r.end_s, r.num_prompt_tokens, r) for r in records if r.message_times_s]
+    prefills = _prefill_intervals(records)
+    rows = []
+    for r in records:
+        times = r.message_times_s
+        for start, end in itertools.pairwise(times[1:]):
+            live = [
+                prompt + sum(1 for t in other.message_times_s if t < end)
+                for first, last, prompt, other in spans
+                if first < end <= last
+            ]
+            overlap = any(a < end and b > start for a, b in prefills)
+            rows.append((float(len(live)), float(sum(live)), end - start, overlap))
+    return rows
+
+
+def _prefill_rows(records: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    rows, seconds = [], []
+    for r in records:
+        cached = int(r.usage.get("cached_tokens", 0))
+        n = r.num_prompt_tokens - cached
+        rows.append([1.0, n, n * cached + n * (n + 1) / 2])
+        seconds.append(r.timings["prefill_ms"] / 1e3)
+    return np.array(rows), np.array(seconds)
+
+
+def _slowdown(observed: np.ndarray, predicted: np.ndarray) -> float:
+    return max(0.0, float(np.median(observed / predicted)) - 1.0) if len(observed) else 0.0
+
+
+def fit_served(records: dict[str, list], kv_bytes_per_token: int, source: str) -> ServedCost:
+    """The :class:`ServedCost` of the probe phases' records (see the module docstring)."""
+    single, shared = records["probe-c1"], records["probe-c6"]
+    rows, seconds = _prefill_rows(single)
+    prefill = nonnegative_fit(rows, seconds)
+    prefill_jitter = seconds / (rows @ np.array(prefill))
+    rows, seconds = _prefill_rows(shared)  # prefills while the decode replica works: the sharing
+    prefill_shared = _slowdown(seconds, rows @ np.array(prefill))
+    gaps = _decode_gaps(single) + _decode_gaps(shared)
+    alone = np.array([[1.0, b, ctx, gap] for b, ctx, gap, overlap in gaps if not overlap])
+    decode = nonnegative_fit(alone[:, :3], alone[:, 3])
+    decode_jitter = alone[:, 3] / (alone[:, :3] @ np.array(decode))
+    both = np.array([[1.0, b, ctx, gap] for b, ctx, gap, overlap in gaps if overlap])
+    decode_shared = _slowdown(both[:, 3], both[:, :3] @ np.array(decode)) if len(both) else 0.0
+    handoff = [  # first token gap minus the later ones' mean, against the prompt's tokens
+        (r.num_prompt_tokens, (t[1] - t[0]) - float(np.mean(np.diff(t[1:]))))
+        for r in single
+        if len(t := r.message_times_s) >= 3
+    ]
+    h0, h_token = np.polyfit([n for n, _ in handoff], [h for _, h in handoff], 1)[::-1]
+    path = float(np.median([r.message_times_s[0] - r.send_s - r.timings["prefill_ms"] / 1e3 for r in single]))
+    return ServedCost(
+        kv_bytes_per_token,
+        *prefill,
+        *decode,
+        max(0.0, float(h0)),
+        max(0.0, float(h_token)),
+        max(0.0, path),
+        prefill_shared,
+        decode_shared,
+        source,
+        tuple(round(float(x), 4) for x in prefill_jitter),
+        tuple(round(float(x), 4) for x in decode_jitter),
+    )
+
+
+def calibrate_served(address: str, out_dir: Path, kv_bytes_per_token: int) -> tuple[ServedCost, str]:
+    """Probe the cluster at ``address`` and fit; (cost, a line on the phases: requests, load average)."""
+    load_before = os.getloadavg()[0]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    records = run_phases(address, out_dir)
+    load_after = os.getloadavg()[0]
+    source = f"{platform.node()}, probes of {started}, load {load_before:.1f} -> {load_after:.1f}"
+    cost = fit_served(records, kv_bytes_per_token, source)
+    counts = ", ".join(f"{name} {len(rs)} requests" for name, rs in records.items())
+    return cost, f"served calibration: {counts}; load average {load_before:.1f} -> {load_after:.1f}"
