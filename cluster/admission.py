@@ -14,7 +14,7 @@ absorbs the requests that do reach ``max_tokens`` together.
 
 A request that needs more blocks than one replica of a pool holds can never run: ``NeverFits``
 (INVALID_ARGUMENT, naming prompt, ``max_tokens`` and both block counts). Validation refuses most such
-requests first (OUT_OF_RANGE: the context is capped by one replica's KV pool); this covers replicas
+requests first (INVALID_ARGUMENT too: the context is capped by one replica's KV pool); this covers replicas
 that report a smaller pool than the ingress assumed. Before any replica has reported its load the
 budget is unknown and requests are admitted (start-up).
 """

@@ -134,17 +134,17 @@ def validate(
     prompt_field = wire.WhichOneof("prompt")
     if prompt_field == "messages":
         sampling = with_chat_stops(sampling, limits)
+    # A request that can never fit (issue 15): INVALID_ARGUMENT naming the prompt and max_tokens. The
+    # context is capped by one replica's KV pool (cluster.model_info), so this is also the KV bound.
     if num_prompt >= limits.max_model_len:
-        raise RequestError(
-            grpc.StatusCode.OUT_OF_RANGE,
-            f"{prompt_field}: prompt has {num_prompt} tokens, the model's context is {limits.max_model_len} "
-            "(the prompt must leave room for at least one new token)",
+        raise _invalid(
+            f"{prompt_field}: prompt has {num_prompt} tokens (max_tokens {sampling.max_tokens}), the model's "
+            f"context is {limits.max_model_len} (the prompt must leave room for at least one new token)"
         )
     if num_prompt + sampling.max_tokens > limits.max_model_len:
-        raise RequestError(
-            grpc.StatusCode.OUT_OF_RANGE,
+        raise _invalid(
             f"max_tokens: prompt ({num_prompt} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
-            f"model's context of {limits.max_model_len} tokens",
+            f"model's context of {limits.max_model_len} tokens"
         )
     tenant = _utf8("tenant_id", wire.tenant_id)
     request_id = _utf8("request_id", wire.request_id)

@@ -58,12 +58,12 @@ def test_defaults_and_generated_request_id() -> None:
         (pb.GenerateRequest(max_tokens=1), grpc.StatusCode.INVALID_ARGUMENT, "text: the prompt is empty"),
         (
             pb.GenerateRequest(token_ids=pb.TokenIds(ids=[65] * 64), max_tokens=1),
-            grpc.StatusCode.OUT_OF_RANGE,
+            grpc.StatusCode.INVALID_ARGUMENT,
             "token_ids: prompt has 64 tokens",
         ),
         (
             pb.GenerateRequest(token_ids=pb.TokenIds(ids=[65] * 60), max_tokens=5),
-            grpc.StatusCode.OUT_OF_RANGE,
+            grpc.StatusCode.INVALID_ARGUMENT,
             "max_tokens: prompt (60 tokens) + max_tokens (5)",
         ),
         (

@@ -112,6 +112,20 @@ def test_refusals_name_the_field(body: dict, status: int, param: str, words: str
     assert words in error.message, error.message
 
 
+def test_a_request_that_can_never_fit_is_invalid_argument_naming_both_numbers() -> None:
+    """Issue 15: prompt + max_tokens beyond the context (one replica's KV pool caps it) -> 400 with
+    OpenAI's error shape, code invalid_argument (gRPC INVALID_ARGUMENT), the prompt and max_tokens named."""
+    for body, numbers in [
+        ({"prompt": "hello", "max_tokens": 60}, ("prompt (6 tokens)", "max_tokens (60)")),
+        ({"prompt": "x" * 70, "max_tokens": 2}, ("prompt has 71 tokens", "max_tokens 2")),
+    ]:
+        with pytest.raises(ApiError) as caught:
+            _completion(body)
+        error = caught.value.body()["error"]
+        assert caught.value.status == 400 and error["code"] == "invalid_argument", error
+        assert error["type"] == "invalid_request_error" and all(n in error["message"] for n in numbers), error
+
+
 def test_chat_refusals() -> None:
     def refuse(body: dict) -> ApiError:
         parsed = parse_body(ChatCompletionRequest, {"max_tokens": 3, **body})

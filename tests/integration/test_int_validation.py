@@ -28,7 +28,7 @@ BAD_REQUESTS = [
     (
         "prompt over the context",
         pb.GenerateRequest(token_ids=pb.TokenIds(ids=[65] * 5000), max_tokens=4),
-        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.INVALID_ARGUMENT,
         "token_ids:",
     ),
     (
@@ -40,7 +40,7 @@ BAD_REQUESTS = [
     (
         "max_tokens past the context",
         pb.GenerateRequest(text="hi", max_tokens=5000),
-        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.INVALID_ARGUMENT,
         "max_tokens:",
     ),
     (
