@@ -38,6 +38,7 @@ from protos import pdserve_pb2_grpc
 FORBIDDEN = ("INTERNAL", "UNKNOWN")
 MIB = 2**20
 DETAILS: dict[str, collections.Counter[str]] = {}  # code -> the details of the streams that ended so
+KILLABLE = {"any": ("Prefill", "Decode"), "decode": ("Decode",), "prefill": ("Prefill",)}  # --kill
 
 
 # ---- the cluster and its processes --------------------------------------------------------------------
@@ -97,9 +98,11 @@ def rss_mib(pids: dict[str, int]) -> dict[str, float]:
     sizes = {}
     for name, pid in pids.items():
         try:
-            sizes[name] = psutil.Process(pid).memory_info().rss / MIB
+            size = psutil.Process(pid).memory_info().rss / MIB
         except psutil.Error:
             continue
+        if size > 0:  # a killed replica not yet reaped reads 0
+            sizes[name] = size
     return sizes
 
 
@@ -213,6 +216,7 @@ class SoakStats:
     kills: list[str] = field(default_factory=list)
     rss: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     killed_pids: set[int] = field(default_factory=set)
+    migrations: dict[str, int] = field(default_factory=dict)
 
 
 async def _stream(stub: Any, request: pb.GenerateRequest, stats: SoakStats, cancel_after: int | None) -> None:
@@ -290,13 +294,14 @@ async def _disconnect(
         await channel.close(grace=None)
 
 
-async def _killer(app_name: str, deadline: float, every_s: float, stats: SoakStats, seed: int) -> None:
+async def _killer(
+    app_name: str, deadline: float, args: argparse.Namespace, stats: SoakStats, seed: int
+) -> None:
     rng = random.Random(seed)
+    every_s, prefixes = args.kill_every_s, KILLABLE[args.kill]
     while time.monotonic() + every_s < deadline:
         await asyncio.sleep(every_s)
-        workers = {
-            name: pid for name, pid in replica_pids(app_name).items() if not name.startswith("Ingress")
-        }
+        workers = {name: pid for name, pid in replica_pids(app_name).items() if name.startswith(prefixes)}
         if not workers:
             continue
         name = rng.choice(sorted(workers))
@@ -316,7 +321,7 @@ async def soak(address: str, http_address: str, app_name: str, args: argparse.Na
     stats = SoakStats()
     deadline = time.monotonic() + args.minutes * 60
     tasks = [_client(address, http_address, deadline, seed, stats) for seed in range(args.concurrency)]
-    tasks.append(_killer(app_name, deadline, args.kill_every_s, stats, 1))
+    tasks.append(_killer(app_name, deadline, args, stats, 1))
     tasks.append(_sampler(app_name, deadline, args.sample_every_s, stats))
     await asyncio.gather(*tasks)
     return stats
@@ -333,18 +338,29 @@ def soak_command(args: argparse.Namespace) -> int:
             "engine.dtype": "float32",
             "engine.kv_cache_bytes": 32 * MIB,
         }
-    config = ClusterConfig().override(changes)
+    config = ClusterConfig().override(changes | _settings(args.set))
     cluster = start_cluster(config, args.ray_temp_dir, args.num_cpus)
     try:
         asyncio.run(many_streams(cluster.grpc_address, 8, 2))  # warm up
         stats = asyncio.run(soak(cluster.grpc_address, cluster.http_address, config.app_name, args))
         held = wait_idle(cluster.grpc_address, 120)
         stats.rss.append((args.minutes * 60, rss_mib(replica_pids(config.app_name))))
+        stats.migrations = migration_counts(config.app_name)
         _print_soak(config, args, stats, held)
         forbidden = sum(stats.codes[code] for code in FORBIDDEN)
         return 0 if forbidden == 0 and all(n == 0 for n in held.values()) else 1
     finally:
         stop_cluster(cluster)
+
+
+def migration_counts(app_name: str) -> dict[str, int]:
+    """The ingress replica's migration counters (``IngressDeployment.migration_stats``; one replica's
+    view: the default has one ingress replica)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("IngressDeployment", app_name)
+    stats = handle.migration_stats.remote().result(timeout_s=30)
+    return {"migrated": stats["num_migrations"], "failed": stats["num_failed"]}
 
 
 def _print_soak(config: Any, args: argparse.Namespace, stats: SoakStats, held: dict[str, int]) -> None:
@@ -353,15 +369,22 @@ def _print_soak(config: Any, args: argparse.Namespace, stats: SoakStats, held: d
         f"({config.engine.dtype}), "
         f"a replica SIGKILLed every {args.kill_every_s:.0f} s"
     )
-    print(f"actions: {dict(stats.actions)}")
+    num_actions = sum(stats.actions.values())
+    print(f"actions: {dict(stats.actions)}: {num_actions / args.minutes:.0f} requests/min")
     print(f"outcomes: {dict(stats.codes)}")
+    print(f"decode migrations (ingress): {stats.migrations}")
     print(f"INTERNAL/UNKNOWN: {sum(stats.codes[c] for c in FORBIDDEN)}")
     print(f"kills: {stats.kills}")
     print(f"blocks held by requests at the end (must be 0): {held}")
-    first, last = stats.rss[0][1], stats.rss[-1][1]
-    print("RSS MiB, first sample -> last (a killed replica is a new process, listed apart):")
-    for name in sorted(set(first) | set(last)):
-        print(f"  {name:48s} {first.get(name, float('nan')):8.1f} -> {last.get(name, float('nan')):8.1f}")
+    print("RSS MiB of each process, its first -> middle -> last sample (at s into the soak;")
+    print("a killed replica's successor is a new process, listed apart):")
+    trajectories: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for at, sizes in stats.rss:
+        for name, size in sizes.items():
+            trajectories[name].append((at, size))
+    for name, samples in sorted(trajectories.items()):
+        picks = (samples[0], samples[len(samples) // 2], samples[-1])
+        print(f"  {name:32s} " + " -> ".join(f"{size:7.1f} ({at:5.0f} s)" for at, size in picks))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -383,8 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--minutes", type=float, default=30.0)
     run.add_argument("--concurrency", type=int, default=16)
     run.add_argument("--kill-every-s", type=float, default=180.0)
+    run.add_argument("--kill", choices=sorted(KILLABLE), default="any", help="which pools' replicas to kill")
     run.add_argument("--sample-every-s", type=float, default=10.0)
     run.add_argument("--tiny", action="store_true", help="the random tiny model instead of SmolLM2")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a dotted config change (YAML value)"
+    )
     args = parser.parse_args(argv)
     return streams_command(args) if args.command == "streams" else soak_command(args)
 
