@@ -376,15 +376,30 @@ def _print_soak(config: Any, args: argparse.Namespace, stats: SoakStats, held: d
     print(f"INTERNAL/UNKNOWN: {sum(stats.codes[c] for c in FORBIDDEN)}")
     print(f"kills: {stats.kills}")
     print(f"blocks held by requests at the end (must be 0): {held}")
-    print("RSS MiB of each process, its first -> middle -> last sample (at s into the soak;")
-    print("a killed replica's successor is a new process, listed apart):")
+    print("RSS MiB of each process at 0 / 25 / 50 / 75 / 100 % of its samples (s into the soak), and its")
+    print("growth over its last third in MiB/min (a killed replica's successor is a new process, apart):")
+    for name, samples in sorted(rss_trajectories(stats).items()):
+        picks = [samples[round(q * (len(samples) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)]
+        tail = samples[-max(2, len(samples) // 3) :]
+        slope = (tail[-1][1] - tail[0][1]) / max(tail[-1][0] - tail[0][0], 1e-9) * 60
+        sizes = " ".join(f"{size:6.0f} ({at:4.0f})" for at, size in picks)
+        print(f"  {name:30s} {sizes}  last third {slope:+6.2f} MiB/min")
+    if args.rss_csv:
+        with open(args.rss_csv, "w") as out:
+            out.write("seconds,process,rss_mib\n")
+            out.writelines(
+                f"{at:.1f},{name},{size:.1f}\n" for at, sizes in stats.rss for name, size in sizes.items()
+            )
+        print(f"every RSS sample: {args.rss_csv}")
+
+
+def rss_trajectories(stats: SoakStats) -> dict[str, list[tuple[float, float]]]:
+    """Process name -> its (seconds, RSS MiB) samples."""
     trajectories: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     for at, sizes in stats.rss:
         for name, size in sizes.items():
             trajectories[name].append((at, size))
-    for name, samples in sorted(trajectories.items()):
-        picks = (samples[0], samples[len(samples) // 2], samples[-1])
-        print(f"  {name:32s} " + " -> ".join(f"{size:7.1f} ({at:5.0f} s)" for at, size in picks))
+    return trajectories
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -408,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--kill-every-s", type=float, default=180.0)
     run.add_argument("--kill", choices=sorted(KILLABLE), default="any", help="which pools' replicas to kill")
     run.add_argument("--sample-every-s", type=float, default=10.0)
+    run.add_argument("--rss-csv", default="", help="write every RSS sample (seconds,process,rss_mib) here")
     run.add_argument("--tiny", action="store_true", help="the random tiny model instead of SmolLM2")
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a dotted config change (YAML value)"
