@@ -34,6 +34,23 @@ class LogHistogram:
         self.count += weight
         self.total += value * weight
 
+    def add_run(self, values: list[float], weight: float, sorted_run: bool) -> None:
+        """``add(v, weight)`` for each of ``values``; a ``sorted_run`` (non-decreasing: a decode run's
+        steps, whose context only grows) whose ends share a bin lands in it whole, one addition instead
+        of one per step (the same bins and count; the total to float rounding)."""
+        if weight <= 0 or not values:
+            return
+        first, last = values[0], values[-1]
+        if sorted_run and math.floor(math.log(max(first, 1e-9)) / _LOG_STEP) == math.floor(
+            math.log(max(last, 1e-9)) / _LOG_STEP
+        ):
+            self.bins[math.floor(math.log(max(first, 1e-9)) / _LOG_STEP)] += weight * len(values)
+            self.count += weight * len(values)
+            self.total += sum(values) * weight
+            return
+        for value in values:
+            self.add(value, weight)
+
     def percentile(self, p: float) -> float | None:
         if self.count <= 0:
             return None

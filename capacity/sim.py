@@ -158,6 +158,7 @@ class Worker:
         self.run: tuple[float, list[float]] | None = None  # a decode-only run in progress: (start, durations)
         self.version = 0  # bumps when a step event is (re)scheduled; stale events are ignored
         self.joined: list[Job] = []
+        self.computed_tokens = 0  # prompt tokens prefilled here, cache hits not counted (load reports)
 
     @property
     def queued_prefill_tokens(self) -> int:
@@ -192,6 +193,7 @@ class Worker:
             total,
             now,
             prefix_summary=summary,
+            **({"computed_prompt_tokens": self.computed_tokens} if _REPORTS_COMPUTED else {}),
         )
 
 
@@ -509,6 +511,7 @@ class Simulation:
 
     def _prefilled(self, worker: Worker, job: Job) -> None:
         job.first_token_s = job.last_token_s = self.now
+        worker.computed_tokens += job.req.input_len - job.cached
         worker.cache.insert(job.req.prefix_ids)
         if worker.summary is not None:
             ids = job.req.prefix_ids
@@ -537,8 +540,8 @@ class Simulation:
         for job in joined:
             metrics.on_token_gap(first_step_end - job.last_token_s, 1)
         metrics.on_token_gap(durations[0], worker.batch - len(joined))
-        for duration in durations[1:]:
-            metrics.on_token_gap(duration, worker.batch)
+        if len(durations) > 1:
+            metrics.itl.add_run(durations[1:], worker.batch, sorted_run=not self._decode_jitter)
         metrics.decode_tokens += worker.batch * len(durations)
         finishing = worker.finishing
         while finishing and finishing[0][0] <= worker.step_index:
@@ -617,4 +620,7 @@ class Simulation:
 
 
 ARRIVAL, STEP_END, TRANSFER, REPORT, SAMPLE, AUTOSCALE, READY = range(7)
+# the router's load reports carry the worker's computed prompt tokens (the cache_aware policy's work
+# balance) once router.LoadReport has the field; the simulator reports what the workers would
+_REPORTS_COMPUTED = "computed_prompt_tokens" in LoadReport.__dataclass_fields__
 MAX_RUN_STEPS = 64

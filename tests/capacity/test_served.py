@@ -110,3 +110,16 @@ def test_the_path_cost_is_in_ttft_and_e2e_not_in_tpot() -> None:
     # 4 decode steps of 10 ms after the first token, the first waiting 3 ms for the hand-off
     assert summary["tpot_ms"]["p50"] == pytest.approx((0.003 + 4 * 0.01) / 4 * 1e3, rel=0.005)
     assert summary["e2e_ms"]["p50"] == pytest.approx((0.05 + 0.02 + 0.003 + 0.04) * 1e3, rel=0.005)
+
+
+def test_a_sorted_run_lands_in_the_same_bins_as_one_add_per_step() -> None:
+    from capacity.metrics import LogHistogram
+
+    runs = [[0.0295 + 1e-6 * k for k in range(64)], [0.01 * 1.003**k for k in range(40)], [0.02]]
+    one, whole = LogHistogram(), LogHistogram()
+    for run in runs:
+        for value in run:
+            one.add(value, 7)
+        whole.add_run(run, 7, sorted_run=True)
+    assert dict(whole.bins) == dict(one.bins) and whole.count == one.count
+    assert whole.total == pytest.approx(one.total, rel=1e-12)
