@@ -159,6 +159,7 @@ class PackedLinear(nn.Module):
         out = self.kernels.gemm(x, self.packed, self.out_features)
         return out if self.bias is None else out + self.bias
 
+
 def kernels_apply(model: nn.Module, dtype: torch.dtype) -> bool:
     """Whether ``pack_for_kernels`` would run this model: bf16 on CPU with the kernels built, and a
     layer shape they handle (no q/k norm; hidden and intermediate sizes multiples of 16; head_dim a
@@ -189,6 +190,23 @@ def pack_for_kernels(model: nn.Module) -> None:
         del mlp.gate_proj, mlp.up_proj
     model.lm_head = PackedLinear([model.lm_head.weight], [None], kernels)
     model.kernels = kernels
+    model.decode_weights = decode_layer_weights(model)
+
+
+def decode_layer_weights(model: nn.Module) -> list[torch.Tensor] | None:
+    """The weights ``decode_layers`` (the one-call decode step for up to ``KERNEL_MAX_ROWS`` tokens)
+    takes: per layer input norm, q|k|v, o, post-attention norm, gate|up, down (packed), then the final
+    norm; None when a projection has a bias (that step adds none)."""
+    weights: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if any(p.bias is not None for p in projections):
+            return None
+        weights += [layer.input_layernorm.weight.detach(), attn.qkv_proj.packed, attn.o_proj.packed]
+        post_norm = layer.post_attention_layernorm.weight.detach()
+        weights += [post_norm, mlp.gate_up_proj.packed, mlp.down_proj.packed]
+    return [*weights, model.model.norm.weight.detach()]
 
 
 def prepare_cpu_projections(model: nn.Module, dtype: torch.dtype, tied: bool) -> None:

@@ -129,6 +129,7 @@ class CausalLM(nn.Module):
         # The bf16 CPU kernel module when ``engine.cpu_linear.pack_for_kernels`` packed the projections
         # (q|k|v -> ``self_attn.qkv_proj``, gate|up -> ``mlp.gate_up_proj``); None runs the torch path.
         self.kernels: Any = None
+        self.decode_weights: list[torch.Tensor] | None = None  # for ``kernels.decode_layers`` (cpu_linear.py)
 
     def init_rotary(self) -> None:
         """Build the RoPE table on the weights' device and dtype (after loading)."""
@@ -168,6 +169,8 @@ class CausalLM(nn.Module):
         assert self.rotary is not None
         kernels, layers, eps = self.kernels, self.model.layers, self.config.rms_norm_eps
         residual = self.model.embed_tokens(input_ids)
+        if self._one_call_decode(meta, input_ids.shape[0]):
+            return self._decode_layers(residual, positions, kv_cache, meta)
         hidden = kernels.add_rmsnorm(residual, None, layers[0].input_layernorm.weight, eps)
         for index, layer in enumerate(layers):
             attn = layer.self_attn
@@ -182,6 +185,32 @@ class CausalLM(nn.Module):
             norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.model.norm
             hidden = kernels.add_rmsnorm(residual, down, norm.weight, eps)
         return hidden
+
+    def _one_call_decode(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        """Whether ``decode_layers`` runs the step: 1-``KERNEL_MAX_ROWS`` decode tokens on the mirror."""
+        from engine.cpu_linear import KERNEL_MAX_ROWS
+
+        only_decodes = meta.num_decode_tokens == num_tokens <= KERNEL_MAX_ROWS and not meta.prefills
+        return only_decodes and meta.decode_mirror is not None and self.decode_weights is not None
+
+    def _decode_layers(
+        self,
+        residual: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """All layers of a small decode step in one C++ call (engine/csrc/bf16_kernels.cpp,
+        ``decode_layers``): the same arithmetic as the per-layer kernel calls, one parallel region."""
+        assert self.rotary is not None and meta.decode_mirror is not None
+        assert meta.decode_positions is not None
+        config, attn = self.config, self.model.layers[0].self_attn
+        qkv_width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        return self.kernels.decode_layers(
+            residual, self.decode_weights, qkv_width, config.intermediate_size, config.num_heads,
+            config.num_kv_heads, config.rms_norm_eps, attn.backend.scale, self.rotary.cos, self.rotary.sin,
+            meta.decode_positions, kv_cache, meta.slot_block_ids, meta.slot_offsets, meta.decode_mirror,
+        )  # fmt: skip
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` -> ``[N, vocab]`` float32."""

@@ -152,3 +152,34 @@ def test_engine_kernel_path_matches_torch_path_first_token_and_logits(
             if mine.new_token_ids != theirs.new_token_ids:
                 break  # a near-tie went the other way: later steps see other tokens
             assert (mine.logits[0] - theirs.logits[0]).abs().max().item() < 0.5
+
+
+def test_one_call_decode_step_is_the_per_layer_kernels_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``decode_layers`` (every layer of a 1-4 token decode step in one C++ call) against the same
+    kernels called layer by layer: the same tokens, logits and KV pool bytes, and it did run."""
+    from engine.sampling import SamplingParams
+
+    def run(one_call: bool) -> tuple[dict[str, list], torch.Tensor, int]:
+        engine = make_engine(
+            None, dtype="bfloat16", decode_mirror_bytes=16 * 2**20, enable_prefix_caching=False
+        )
+        model = engine.model
+        assert model.decode_weights is not None
+        if not one_call:
+            model.decode_weights = None
+        calls = []
+        original = model._decode_layers
+        monkeypatch.setattr(model, "_decode_layers", lambda *args: calls.append(1) or original(*args))
+        params = SamplingParams(max_tokens=5, ignore_eos=True, return_logits=True)
+        for i in range(4):  # decode batches 4, 3, 2, 1 as the requests finish
+            engine.add_request(f"r{i}", [(5 * i + j) % 250 for j in range(9 + 11 * i)], params)
+            params = SamplingParams(max_tokens=5 + 2 * (i + 1), ignore_eos=True, return_logits=True)
+        return run_to_completion(engine), engine.kv_cache.clone(), len(calls)
+
+    (fast, fast_pool, fast_calls), (slow, slow_pool, slow_calls) = run(True), run(False)
+    assert fast_calls >= 10 and slow_calls == 0
+    assert torch.equal(fast_pool, slow_pool)
+    for request_id, outputs in slow.items():
+        ours = fast[request_id]
+        assert [o.new_token_ids for o in ours] == [o.new_token_ids for o in outputs]
+        assert all(torch.equal(a.logits[0], b.logits[0]) for a, b in zip(ours, outputs, strict=True))
