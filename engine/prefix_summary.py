@@ -45,10 +45,18 @@ class PrefixSummary(NamedTuple):
         generation: bumped by the worker each time ``keys`` changes; the router re-reads ``keys``
             only when it differs from the generation it holds (so a report costs O(1) otherwise).
         keys: probe keys of the prefixes the worker holds, most recently prefilled first.
+        base_generation: the generation ``added`` / ``removed`` are relative to (-1: no delta).
+        added: keys in ``keys`` that were not in generation ``base_generation``'s keys (as sets).
+        removed: keys of generation ``base_generation`` that are not in ``keys``. A router holding
+            ``base_generation`` applies the delta (O(changed keys)) instead of re-reading ``keys``
+            whole (O(keys): ~0.2-0.5 ms for 4,096 keys); one holding another generation re-reads.
     """
 
     generation: int
     keys: tuple[int, ...]
+    base_generation: int = -1
+    added: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
 
 
 def tenant_root(tenant: str) -> int:
@@ -137,7 +145,7 @@ class SummaryBuilder:
 
     def build(self, is_cached) -> PrefixSummary:
         """The summary now: keys still cached, newest first, at most ``max_keys`` (the same object,
-        same generation, when nothing changed)."""
+        same generation, when nothing changed), with the delta from the previous generation."""
         entries = self._entries
         keys: list[int] = []
         stale: list[int] = []
@@ -150,6 +158,11 @@ class SummaryBuilder:
         for key in stale:
             del entries[key]
         summary = tuple(keys)
-        if summary != self._summary.keys:
-            self._summary = PrefixSummary(self._summary.generation + 1, summary)
+        previous = self._summary
+        if summary != previous.keys:
+            before, after = set(previous.keys), set(summary)
+            added = tuple(key for key in summary if key not in before)
+            removed = tuple(key for key in previous.keys if key not in after)
+            generation = previous.generation
+            self._summary = PrefixSummary(generation + 1, summary, generation, added, removed)
         return self._summary

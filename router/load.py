@@ -31,6 +31,9 @@ class LoadReport:
         prefix_summary: the probe keys of the prefixes the worker holds (``engine.prefix_summary``), with a
             generation the worker bumps when they change (the router re-reads the keys only then),
             or None when the worker publishes none (the router then knows nothing of its cache).
+        computed_prompt_tokens: prompt tokens the worker has computed since it started (its prompt
+            tokens minus those served from its cache): with ``queued_prefill_tokens``, the work it
+            has taken on, which the cache_aware policy keeps even across workers for new prefixes.
     """
 
     worker_id: str
@@ -40,11 +43,13 @@ class LoadReport:
     total_kv_blocks: int
     reported_at: float
     prefix_summary: PrefixSummary | None = None
+    computed_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker_id, str) or not self.worker_id:
             raise ValueError(f"worker_id must be a non-empty string, got {self.worker_id!r}")
-        for name in ("queued_prefill_tokens", "running_requests", "free_kv_blocks", "total_kv_blocks"):
+        names = ("queued_prefill_tokens", "running_requests", "free_kv_blocks", "total_kv_blocks")
+        for name in (*names, "computed_prompt_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.free_kv_blocks > self.total_kv_blocks:
@@ -72,11 +77,14 @@ class LoadTable:
         # Sent since the worker's last report: [queued prefill tokens, running requests, kv blocks].
         self._pending: dict[str, list[int]] = {}
         self._hot: set[str] = set()
-        # Prefix summaries: the tuple last reported, and the set the router matches against (the
+        # Prefix summaries: the generation last read, and the set the router matches against (the
         # summary plus the probe keys the router has itself sent there since; see ``note_sent``).
         self._summary_generations: dict[str, int] = {}
         self._summary_sizes: dict[str, int] = {}
         self.held: dict[str, set[int]] = {}
+        # per worker: the keys ``note_sent`` added to ``held`` that the summary read last lacks (taken
+        # out again when the next summary is applied as a delta)
+        self._sent: dict[str, list[int]] = {}
         self.set_workers(worker_ids)
 
     @property
@@ -95,10 +103,14 @@ class LoadTable:
         self._hot &= keep
         self._summary_generations = {w: g for w, g in self._summary_generations.items() if w in keep}
         self.held = {w: self.held.get(w, set()) for w in members}
+        self._sent = {w: self._sent.get(w, []) for w in members}
         # queued[w]: reported queued prefill tokens plus what was sent since (a plain dict: read on
         # every decision)
         self.queued = {w: self._reported_queued(w) for w in members}
         self._total_queued = sum(self.queued.values())
+        # work[w]: prompt tokens w has computed (reported) plus queued(w): the work it has taken on
+        self.work = {w: self.queued[w] + self._reported_computed(w) for w in members}
+        self.total_work = sum(self.work.values())
 
     def update(self, report: LoadReport) -> bool:
         """Store a report (dropping the local estimate) and update that worker's hot/cool state.
@@ -118,18 +130,70 @@ class LoadTable:
         self._pending.pop(worker_id, None)
         self.queued[worker_id] = report.queued_prefill_tokens
         self._total_queued += report.queued_prefill_tokens
+        work = report.computed_prompt_tokens + report.queued_prefill_tokens
+        self.total_work += work - self.work[worker_id]
+        self.work[worker_id] = work
         self._update_state(worker_id)
         summary = report.prefix_summary
         if summary is not None and summary.generation != self._summary_generations.get(worker_id):
-            self._summary_generations[worker_id] = summary.generation
-            self._summary_sizes[worker_id] = len(summary.keys)
-            self.held[worker_id] = set(summary.keys)
+            self._read_summary(worker_id, summary)
         return True
+
+    def _read_summary(self, worker_id: str, summary: PrefixSummary) -> None:
+        """``held[worker_id]`` := the summary's keys (the keys sent since the last one dropped): by its
+        delta when it is relative to the generation held, else by re-reading the keys whole."""
+        held = self.held[worker_id]
+        sent = self._sent[worker_id]
+        base = summary.base_generation
+        if base >= 0 and base == self._summary_generations.get(worker_id):
+            if sent:
+                held.difference_update(sent)  # back to the summary read last
+                sent.clear()
+            held.difference_update(summary.removed)
+            held.update(summary.added)
+        else:
+            self.held[worker_id] = set(summary.keys)
+            sent.clear()
+        self._summary_generations[worker_id] = summary.generation
+        self._summary_sizes[worker_id] = len(summary.keys)
 
     def note_sent(self, worker_id: str, probe_keys: list[int]) -> None:
         """Count ``probe_keys`` as held by ``worker_id`` until its next changed summary (the router
         has just sent it a prompt with them: its next turns should follow it even before a report)."""
-        self.held[worker_id].update(probe_keys)
+        held = self.held[worker_id]
+        new = [key for key in probe_keys if key not in held]
+        if new:
+            held.update(new)
+            self._sent[worker_id] += new
+
+    def charge_prefill(self, worker_id: str, queued_tokens: int, probe_keys: list[int]) -> None:
+        """``debit(worker_id, queued_tokens, running_requests=1)`` then ``note_sent(worker_id,
+        probe_keys)``, written out (once per cache_aware decision); ``worker_id`` must be a member."""
+        pending = self._pending.get(worker_id)
+        if pending is None:
+            pending = self._pending[worker_id] = [0, 0, 0]
+        pending[0] += queued_tokens
+        pending[1] += 1
+        self._total_queued += queued_tokens
+        self.queued[worker_id] += queued_tokens
+        self.total_work += queued_tokens
+        self.work[worker_id] += queued_tokens
+        self._update_state(worker_id)
+        held = self.held[worker_id]
+        new = [key for key in probe_keys if key not in held]
+        if new:
+            held.update(new)
+            self._sent[worker_id] += new
+
+    def charge_decode(self, worker_id: str, kv_blocks: int) -> None:
+        """``debit(worker_id, running_requests=1, kv_blocks=kv_blocks)`` (no queued tokens, so no
+        hot/cool change), written out (once per decode choice); ``worker_id`` must be a member."""
+        pending = self._pending.get(worker_id)
+        if pending is None:
+            self._pending[worker_id] = [0, 1, kv_blocks]
+        else:
+            pending[1] += 1
+            pending[2] += kv_blocks
 
     def summary_size(self, worker_id: str) -> int:
         """Keys in the worker's last reported summary (0 if none)."""
@@ -147,6 +211,8 @@ class LoadTable:
         pending[2] += kv_blocks
         self._total_queued += queued_tokens
         self.queued[worker_id] += queued_tokens
+        self.total_work += queued_tokens
+        self.work[worker_id] += queued_tokens
         self._update_state(worker_id)
 
     def _update_state(self, worker_id: str) -> None:
@@ -173,6 +239,10 @@ class LoadTable:
         report = self._reports.get(worker_id)
         pending = self._pending.get(worker_id)
         return (report.queued_prefill_tokens if report else 0) + (pending[0] if pending else 0)
+
+    def _reported_computed(self, worker_id: str) -> int:
+        report = self._reports.get(worker_id)
+        return report.computed_prompt_tokens if report else 0
 
     def queued_tokens(self, worker_id: str) -> int:
         """Reported queued prefill tokens plus what was sent since (0 if never reported)."""

@@ -112,8 +112,7 @@ class Router:
             probes, depths, num_prompt_tokens, self._ring, loads
         )
         cached = min(cached, max(0, num_prompt_tokens - 1))
-        loads.debit(worker_id, queued_tokens=num_prompt_tokens - cached, running_requests=1)
-        loads.note_sent(worker_id, probes)
+        loads.charge_prefill(worker_id, num_prompt_tokens - cached, probes)
         return PrefillChoice(worker_id, reason, None, cached)
 
     def choose_prefill_by_key(self, prefix_key: BlockHash | None, num_prompt_tokens: int) -> PrefillChoice:
@@ -148,7 +147,7 @@ class Router:
         else:
             reason = RouteReason.LEAST_LOADED
         assert best_id is not None
-        loads.debit(best_id, running_requests=1, kv_blocks=expected_num_blocks)
+        loads.charge_decode(best_id, expected_num_blocks)
         return DecodeChoice(best_id, reason)
 
     def route(

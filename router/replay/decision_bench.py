@@ -147,6 +147,7 @@ class CacheAwareBenchResult:
     block_size: int
     num_workers: int
     summary_keys: int  # keys in each worker's summary
+    summary_deltas: bool  # changed summaries carry their delta (else the router re-reads them whole)
     decisions_per_s: float  # choose_prefill per CPU-second
     route_per_s: float  # prefill + decode choice per CPU-second
     decisions_per_wall_s: float
@@ -168,25 +169,39 @@ def _cache_aware_prompts(num_prompts: int, prompt_tokens: int, seed: int) -> lis
     return prompts
 
 
-# One report round: each prefill worker's (summary generation, summary keys).
-ReportRound = list[tuple[str, int, tuple[int, ...]]]
+# One report round: each prefill worker's (id, summary).
+ReportRound = list[tuple[str, PrefixSummary]]
+
+SUMMARY_CHURN_KEYS = 64  # keys a changed summary adds (and drops): ~7 prompts' probe keys
 
 
-def _report_rounds(initial: dict[str, tuple[int, ...]], num_rounds: int) -> list[ReportRound]:
-    """What the workers send, round by round: a worker's summary changes (rotated keys, a new
-    generation) every 4th report. Built before the timed loop: the keys arrive from the wire; making
-    them is the worker's work, not the router's."""
-    summaries = dict(initial)
-    generations = dict.fromkeys(initial, 0)
+def _report_rounds(
+    initial: dict[str, tuple[int, ...]], num_rounds: int, deltas: bool = True
+) -> list[ReportRound]:
+    """What the workers send, round by round: a worker's summary changes (``SUMMARY_CHURN_KEYS``
+    fresh keys in front, as many of its oldest dropped, a new generation) every 4th report, with the
+    delta from the previous generation (``engine.prefix_summary.SummaryBuilder`` sends one) unless
+    ``deltas`` is false (then the router re-reads every changed summary whole: the worst case, an
+    ingress that missed the previous generation). Built before the timed loop: the keys arrive from
+    the wire; making them is the worker's work, not the router's."""
+    summaries = {worker_id: PrefixSummary(0, keys) for worker_id, keys in initial.items()}
+    fresh = 2 * 10**12
     rounds = []
     for step in range(num_rounds):
         this_round = []
         for j, worker_id in enumerate(summaries):
             if (step + j) % 4 == 0:
-                keys = summaries[worker_id]
-                summaries[worker_id] = keys[1:] + keys[:1]
-                generations[worker_id] += 1
-            this_round.append((worker_id, generations[worker_id], summaries[worker_id]))
+                previous = summaries[worker_id]
+                added = tuple(range(fresh, fresh + SUMMARY_CHURN_KEYS))
+                fresh += SUMMARY_CHURN_KEYS
+                keys = added + previous.keys[: len(previous.keys) - SUMMARY_CHURN_KEYS]
+                removed = previous.keys[len(previous.keys) - SUMMARY_CHURN_KEYS :]
+                summaries[worker_id] = (
+                    PrefixSummary(previous.generation + 1, keys, previous.generation, added, removed)
+                    if deltas
+                    else PrefixSummary(previous.generation + 1, keys)
+                )
+            this_round.append((worker_id, summaries[worker_id]))
         rounds.append(this_round)
     return rounds
 
@@ -194,8 +209,7 @@ def _report_rounds(initial: dict[str, tuple[int, ...]], num_rounds: int) -> list
 def _send_reports(router: Router, step: int, report_round: ReportRound) -> None:
     """Every worker's report (built here, as the ingress builds a ``LoadReport`` from a replica's
     ``ReplicaLoad``); the router re-reads a summary whole when its generation is new."""
-    for j, (worker_id, generation, keys) in enumerate(report_round):
-        summary = PrefixSummary(generation, keys)
+    for j, (worker_id, summary) in enumerate(report_round):
         router.update_load(LoadReport(worker_id, (j * 997) % 6000, j % 4, 1000, 1000, float(step), summary))
     for j, worker_id in enumerate(router.decode_ids):
         router.update_load(LoadReport(worker_id, 0, j, 500 + j, 1000, float(step)))
@@ -239,6 +253,7 @@ def run_cache_aware_bench(
     summary_keys: int = 4096,
     repeats: int = 5,
     seed: int = 0,
+    summary_deltas: bool = True,
 ) -> CacheAwareBenchResult:
     """``Router.choose_prefill`` / ``route`` (policy cache_aware, block size 16) on 4k-token prompts.
 
@@ -246,16 +261,17 @@ def run_cache_aware_bench(
     it, padded with unrelated keys; each run's router has read them before the timer starts (the
     steady state of an ingress). In the timed loop every worker sends a fresh ``LoadReport`` every
     ``report_every`` decisions, and every 4th report of a worker carries a changed summary (a new
-    generation), which the router re-reads whole: with the defaults a changed 4,096-key summary every
-    32 decisions (the cluster rebuilds a worker's summary at most once a second,
-    ``summary_period_s``: this is far more churn than a real pool sends). Best of ``repeats`` runs.
+    generation, 64 keys in and 64 out) carried as a delta, or with ``summary_deltas=False`` as keys
+    only, which the router re-reads whole: with the defaults a changed 4,096-key summary every 32
+    decisions (the cluster rebuilds a worker's summary at most once a second, ``summary_period_s``:
+    this is far more churn than a real pool sends). Best of ``repeats`` runs.
     """
     prompts = _cache_aware_prompts(num_prompts, prompt_tokens, seed)
     config = RouterConfig(policy="cache_aware")
     prefill_ids = [f"prefill-{i}" for i in range(num_workers)]
     initial = _warm_summaries(config, prompts, prefill_ids, summary_keys)
-    rounds = _report_rounds(initial, -(-num_prompts // report_every))
-    steady = [(worker_id, 0, keys) for worker_id, keys in initial.items()]
+    rounds = _report_rounds(initial, -(-num_prompts // report_every), summary_deltas)
+    steady = [(worker_id, PrefixSummary(0, keys)) for worker_id, keys in initial.items()]
 
     def make_router() -> Router:  # an ingress that has read every worker's summary once already
         router = _new_router(config, prefill_ids)
@@ -277,6 +293,7 @@ def run_cache_aware_bench(
         block_size=config.block_size,
         num_workers=num_workers,
         summary_keys=summary_keys,
+        summary_deltas=summary_deltas,
         decisions_per_s=prefill.per_cpu_s,
         route_per_s=route.per_cpu_s,
         decisions_per_wall_s=prefill.per_wall_s,

@@ -51,12 +51,13 @@ def test_summary_builder_publishes_cached_keys_newest_first_and_capped() -> None
     builder.note([3], ["b1"])
     builder.note([4], ["gone"])
     first = builder.build(cached.__contains__)
-    assert first == (1, (3, 2, 1))  # newest first, key 4's block is not cached; generation 1
+    # newest first, key 4's block is not cached; generation 1, all added since generation 0 (empty)
+    assert first == (1, (3, 2, 1), 0, (3, 2, 1), ())
     assert builder.build(cached.__contains__) is first  # unchanged: the same object and generation
     cached.discard("a2")
-    assert builder.build(cached.__contains__) == (2, (3, 1))
+    assert builder.build(cached.__contains__) == (2, (3, 1), 1, (), (2,))
     builder.note([5, 6, 7], ["b1", "b1", "b1"])
-    assert builder.build(cached.__contains__) == (3, (7, 6, 5))  # cap 3
+    assert builder.build(cached.__contains__) == (3, (7, 6, 5), 2, (7, 6, 5), (3, 1))  # cap 3
 
 
 def test_worker_builder_reads_the_engine_prefix_index() -> None:
@@ -167,8 +168,40 @@ def test_the_summary_travels_in_replica_load_to_the_routers_report() -> None:
     summary = worker_summary.PrefixSummary(3, tuple(probe_keys(tokens(40, 64), 16)))
     load = ReplicaLoad("r1", 0, 0, 10, 100, 0, 5, 95, 100, 0, 0, 0, 0, 12.5, prefix_summary=summary)
     back = ReplicaLoad.from_routing_stats(pickle.loads(pickle.dumps(load.to_routing_stats())))
-    assert back == load and back.prefix_summary == (3, summary.keys)
+    assert back == load and back.prefix_summary == summary == (3, summary.keys, -1, (), ())
     report = _load_report(ReplicaView("r1", back))
     assert report is not None and report.prefix_summary == PrefixSummary(3, summary.keys)
     assert _load_report(ReplicaView("r2", ReplicaLoad("r2", 0, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1.0))) \
         .prefix_summary is None  # fmt: skip
+
+
+def test_summary_deltas_leave_the_router_as_whole_summaries_do() -> None:
+    """Two load tables, one fed each worker's summaries with their deltas (``SummaryBuilder``), one
+    the same summaries as keys only (re-read whole), with the router's own sent keys in between,
+    hold the same keys after every report; a skipped generation falls back to the whole keys."""
+    from router.load import LoadTable
+
+    rng = random.Random(7)
+    config = RouterConfig()
+    by_delta, whole = LoadTable(config, PREFILL), LoadTable(config, PREFILL)
+    builders = {w: SummaryBuilder(max_keys=40) for w in PREFILL}
+    cached: set[int] = set()
+    for step in range(300):
+        worker = rng.choice(PREFILL)
+        keys = [rng.randrange(200) for _ in range(rng.randrange(1, 6))]
+        builders[worker].note(keys, keys)  # the anchor of key k is block k
+        cached.update(rng.sample(range(200), 3))
+        cached.difference_update(rng.sample(range(200), 3))
+        sent = [rng.randrange(200) for _ in range(3)]
+        target = rng.choice(PREFILL) if step % 2 else worker
+        for table in (by_delta, whole):
+            table.note_sent(target, sent)
+        previous = by_delta._summary_generations.get(worker)
+        summary = builders[worker].build(cached.__contains__)
+        if step % 17 == 0:
+            continue  # this generation never reaches the routers: the next one must re-read whole
+        by_delta.update(LoadReport(worker, 0, 0, 1, 1, float(step), summary))
+        whole.update(LoadReport(worker, 0, 0, 1, 1, float(step), PrefixSummary(*summary[:2])))
+        assert by_delta.held == whole.held
+        if summary.generation != previous:  # a new summary: exactly its keys, the sent ones dropped
+            assert by_delta.held[worker] == set(summary.keys)
