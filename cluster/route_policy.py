@@ -95,4 +95,5 @@ def _load_report(view: ReplicaView) -> LoadReport | None:
         total_kv_blocks=load.kv_blocks_total,
         reported_at=load.reported_at,
         prefix_summary=None if load.prefix_summary is None else PrefixSummary(*load.prefix_summary),
+        computed_prompt_tokens=max(0, load.prompt_tokens - load.cached_tokens),  # new_prefix_work_factor
     )

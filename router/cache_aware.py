@@ -49,6 +49,8 @@ class CacheAwarePolicy:
         self._split_margin = config.split_margin_tokens
         self._margin_factor = config.replicate_margin_factor
         self._new_slack = config.new_prefix_slack_tokens
+        self._work_factor = config.new_prefix_work_factor
+        self._work_floor = config.new_prefix_work_floor_tokens
 
     def choose(
         self,
@@ -94,10 +96,14 @@ class CacheAwarePolicy:
         walk = ring.walk_from_position(position)
         owner = walk[0]
         limit = cheapest + self._new_slack
-        if queued[owner] - saved.get(owner, 0) <= limit:
-            chosen, reason = owner, RouteReason.RING_OWNER
+        if self._work_factor:
+            work_cap = max(self._work_floor, self._work_factor * loads.total_work / len(queued))
+            chosen = self._within_work(walk, queued, saved, limit, loads.work, work_cap)
+        elif queued[owner] - saved.get(owner, 0) <= limit:
+            chosen = owner
         else:
-            chosen, reason = self._within(walk, queued, saved, limit), RouteReason.RING_WALK
+            chosen = self._within(walk, queued, saved, limit)
+        reason = RouteReason.RING_OWNER if chosen == owner else RouteReason.RING_WALK
         return chosen, reason, _cached(depths, matched.get(chosen, 0))
 
     def _to_holder(
@@ -141,6 +147,17 @@ class CacheAwarePolicy:
             chosen = self._within(walk, queued, saved, cheapest + margin)
             reason = RouteReason.REPLICATE
         return chosen, reason, _cached(depths, matched.get(chosen, 0))
+
+    @classmethod
+    def _within_work(
+        cls, walk, queued: dict[str, int], saved: dict[str, int], limit: int, work: dict[str, int], cap: float
+    ) -> str:
+        """The first worker of ``walk`` with cost at most ``limit`` and work at most ``cap``, or
+        without the work bound if none is under it."""
+        for worker_id in walk:
+            if queued[worker_id] - saved.get(worker_id, 0) <= limit and work[worker_id] <= cap:
+                return worker_id
+        return cls._within(walk, queued, saved, limit)
 
     @staticmethod
     def _within(walk, queued: dict[str, int], saved: dict[str, int], limit: int) -> str:

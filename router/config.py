@@ -63,6 +63,12 @@ class RouterConfig(BaseModel):
             the primary (first holder along the ring) only when it is cheaper by more than this.
         new_prefix_slack_tokens: cache_aware: a prefix nobody holds goes to the first worker along
             its ring walk whose cost is within this of the cheapest.
+        new_prefix_work_factor: cache_aware: a prefix nobody holds skips (along its ring walk) a
+            worker whose work taken on (prompt tokens computed since it started plus queued ones,
+            from its reports) exceeds ``max(new_prefix_work_floor_tokens, this * the pool's mean)``:
+            consistent hashing with bounded loads on the work each worker's conversations brought,
+            since their later turns follow their cache; 0: off.
+        new_prefix_work_floor_tokens: cache_aware: the absolute floor of that bound.
         summary_max_keys: cap on the probe keys a worker publishes in one summary.
         summary_period_s: how often a worker rebuilds its summary (between rebuilds it re-sends the
             same one).
@@ -84,6 +90,8 @@ class RouterConfig(BaseModel):
     replicate_margin_factor: NonNegative = 0.0
     split_margin_tokens: Annotated[int, Field(ge=0)] = 4096
     new_prefix_slack_tokens: Annotated[int, Field(ge=0)] = 0
+    new_prefix_work_factor: NonNegative = 0.0
+    new_prefix_work_floor_tokens: Annotated[int, Field(ge=0)] = 0
     summary_max_keys: PositiveInt = 4096
     summary_period_s: Annotated[float, Field(gt=0)] = 1.0
 
@@ -94,6 +102,9 @@ class RouterConfig(BaseModel):
                 f"high_watermark_tokens: must be above low_watermark_tokens ({self.low_watermark_tokens}), "
                 f"got {self.high_watermark_tokens}"
             )
+        work_factor = self.new_prefix_work_factor
+        if work_factor != 0 and work_factor < 1:
+            raise ValueError(f"new_prefix_work_factor: must be 0 (off) or >= 1, got {work_factor}")
         if self.high_load_factor != 0 and self.high_load_factor < 1:
             raise ValueError(f"high_load_factor: must be 0 (off) or >= 1, got {self.high_load_factor}")
         if self.high_load_factor == 0 and self.low_load_factor != 0:

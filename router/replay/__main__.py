@@ -45,6 +45,7 @@ class ReplaySettings:
     replicate_margin_tokens: int
     split_margin_tokens: int
     new_prefix_slack_tokens: int
+    new_prefix_work_factor: float
     summary_period_s: float
     summary_max_keys: int
     skip_decision_bench: bool
@@ -156,6 +157,12 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
     help="pdserve (cache_aware): a new prefix takes the first ring worker within this of the cheapest",
 )
 @click.option(
+    "--new-prefix-work-factor",
+    type=float,
+    default=RouterConfig().new_prefix_work_factor,
+    help="pdserve (cache_aware): a new prefix skips ring workers with more work than this x mean (0: off)",
+)
+@click.option(
     "--summary-period-s",
     type=float,
     default=RouterConfig().summary_period_s,
@@ -197,6 +204,7 @@ def pdserve_config(args: ReplaySettings) -> RouterConfig:
         replicate_margin_tokens=args.replicate_margin_tokens,
         split_margin_tokens=args.split_margin_tokens,
         new_prefix_slack_tokens=args.new_prefix_slack_tokens,
+        new_prefix_work_factor=args.new_prefix_work_factor,
         summary_max_keys=args.summary_max_keys,
     )
 

@@ -121,9 +121,10 @@ class PdservePolicy(RouterPolicy):
                 self.summary_keys_max = max(self.summary_keys_max, len(self._summaries[i].keys))
             capacity = worker.cache.capacity_blocks
             free = max(0, capacity - worker.active_blocks)
+            queued = view.queued_tokens(i)
             report = LoadReport(
-                worker.worker_id, view.queued_tokens(i), worker.num_running, free, capacity, view.now_s,
-                self._summaries[i],
+                worker.worker_id, queued, worker.num_running, free, capacity, view.now_s,
+                self._summaries[i], view.computed_tokens(i, queued),
             )
             self._router.update_load(report)
         start = time.thread_time()

@@ -122,6 +122,7 @@ class SimWorker:
     active_blocks: int = 0
     busy_s: float = 0.0
     num_requests: int = 0
+    assigned_tokens: int = 0  # uncached prompt tokens of every request sent here
     summary: SummaryBuilder | None = None  # set by a policy that reads prefix summaries
 
     def note_prefilled(self, block_ids: tuple[int, ...]) -> None:
@@ -153,6 +154,10 @@ class PoolView:
         """Remaining work of worker ``index`` in token-equivalents."""
         remaining_s = max(0.0, self.workers[index].free_at_s - self.now_s)
         return int(remaining_s * self.cost.prefill_tokens_per_s)
+
+    def computed_tokens(self, index: int, queued_tokens: int) -> int:
+        """Prompt tokens worker ``index`` has computed by now (what it was sent, less what is queued)."""
+        return max(0, self.workers[index].assigned_tokens - queued_tokens)
 
 
 @dataclass
@@ -227,6 +232,7 @@ def simulate(
         worker.active_blocks += len(request.block_ids)
         worker.busy_s += service
         worker.num_requests += 1
+        worker.assigned_tokens += uncached_tokens
         queue_delays.append(start - now)
         ttfts.append(worker.free_at_s - now)
     hit_rate = num_hit / num_total if num_total else 0.0

@@ -26,7 +26,8 @@ def first_within(walk, costs: dict[str, int], limit: int) -> str:
     return next(w for w in walk if costs[w] <= limit)
 
 
-def reference_choose(config: RouterConfig, probes, depths, num_tokens, loads: LoadTable):
+def reference_choose(config: RouterConfig, probes, depths, num_tokens, loads: LoadTable, computed=None):
+    """``computed``: each worker's reported computed prompt tokens (its work = that + queued)."""
     cap = max(0, num_tokens - 1)
     costs, matched = {}, {}
     for worker_id in loads.worker_ids:
@@ -57,13 +58,16 @@ def reference_choose(config: RouterConfig, probes, depths, num_tokens, loads: Lo
             margin = min(margin, int(config.replicate_margin_factor * depths[deepest - 1]))
         if costs[chosen] > cheapest + margin:
             chosen, reason = first_within(walk, costs, cheapest + margin), RouteReason.REPLICATE
-    elif costs[walk[0]] <= cheapest + config.new_prefix_slack_tokens:
-        chosen, reason = walk[0], RouteReason.RING_OWNER
     else:
-        chosen, reason = (
-            first_within(walk, costs, cheapest + config.new_prefix_slack_tokens),
-            RouteReason.RING_WALK,
-        )
+        limit = cheapest + config.new_prefix_slack_tokens
+        within = [w for w in walk if costs[w] <= limit]
+        if config.new_prefix_work_factor:  # bounded work: skip workers above the bound if any is under
+            work = {w: (computed or {}).get(w, 0) + loads.queued_tokens(w) for w in walk}
+            mean_bound = config.new_prefix_work_factor * sum(work.values()) / len(work)
+            bound = max(config.new_prefix_work_floor_tokens, mean_bound)
+            within = [w for w in within if work[w] <= bound] or within
+        chosen = within[0]
+        reason = RouteReason.RING_OWNER if chosen == walk[0] else RouteReason.RING_WALK
     return chosen, reason, depths[matched[chosen] - 1] if chosen in matched else 0
 
 
@@ -71,6 +75,7 @@ def test_fast_path_matches_the_reference_rule_in_random_states() -> None:
     rng = random.Random(7)
     depths = depth_tokens(16, 64)
     reasons = set()
+    work_walks = 0
     for trial in range(3000):
         config = RouterConfig(
             block_size=16,
@@ -78,22 +83,30 @@ def test_fast_path_matches_the_reference_rule_in_random_states() -> None:
             split_margin_tokens=rng.choice([0, 100, 4096]),
             replicate_margin_factor=rng.choice([0.0, 0.5, 2.0]),
             new_prefix_slack_tokens=rng.choice([0, 200, 5000]),
+            new_prefix_work_factor=rng.choice([0.0, 0.0, 1.0, 1.1, 1.5]),
+            new_prefix_work_floor_tokens=rng.choice([0, 0, 5000]),
         )
         loads = LoadTable(config, WORKERS)
+        computed = {w: rng.choice([0, rng.randrange(0, 20000)]) for w in WORKERS}
         num_probes = rng.randrange(0, 9)
         probes = [rng.randrange(1 << 60) for _ in range(num_probes)]
         preamble = rng.randrange(0, num_probes + 1) if rng.random() < 0.3 else 0  # held by everyone
         for worker_id in WORKERS:
             held = rng.randrange(0, num_probes + 1) if rng.random() < 0.5 else 0
             keys = tuple(probes[: max(held, preamble)]) + tuple(rng.randrange(1 << 60) for _ in range(5))
-            report = LoadReport(worker_id, rng.randrange(0, 8000), 0, 10, 10, 1.0, PrefixSummary(1, keys))
+            summary = PrefixSummary(1, keys)
+            queued = rng.randrange(0, 8000)
+            report = LoadReport(worker_id, queued, 0, 10, 10, 1.0, summary, computed[worker_id])
             loads.update(report)
             if rng.random() < 0.3:
                 loads.debit(worker_id, queued_tokens=rng.randrange(0, 3000))
         num_tokens = rng.choice([0, 1, 16, 300, 4096, 9000])
-        expected = reference_choose(config, probes, depths, num_tokens, loads)
+        expected = reference_choose(config, probes, depths, num_tokens, loads, computed)
         assert CacheAwarePolicy(config).choose(probes, depths, num_tokens, RING, loads) == expected, trial
         reasons.add(expected[1])
+        if config.new_prefix_work_factor and expected[1] == RouteReason.RING_WALK:
+            work_walks += 1
+    assert work_walks > 50  # the work bound moved some new prefixes along the ring
     assert reasons == {
         RouteReason.LEAST_LOADED, RouteReason.RING_OWNER, RouteReason.RING_WALK, RouteReason.PREFIX_CACHE,
         RouteReason.CACHE_SPLIT, RouteReason.REPLICATE,
