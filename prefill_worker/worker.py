@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A burst of prompts reaching an idle prefill engine starts in one forward: the loop takes arrivals
+# while the next comes within 5 ms, for at most 50 ms (EngineLoop ``gather``). A lone prompt waits 5 ms
+# (a 128-token SmolLM2 prefill takes 100-140 ms of CPU); 32 at once went as 1 + 16 + 15 (the first alone,
+# then two full forwards), which left the decode replica stepping one sequence for seconds
+# (docs/benchmarks.md, issue 12 acc 6).
+PREFILL_GATHER_GAP_S = 0.005
+PREFILL_GATHER_MAX_S = 0.05
+
 
 @dataclass
 class _PendingPrefill:
@@ -71,7 +79,12 @@ class PrefillWorker:
         self.num_leases_expired = 0
         self.prefix_summary = PrefixSummaryBuilder(block_size)  # for the router: worker_common.prefix_summary
         self.engine_loop = EngineLoop(
-            engine, self._on_outputs, self._housekeeping, self._on_failure, name="prefill-engine"
+            engine,
+            self._on_outputs,
+            self._housekeeping,
+            self._on_failure,
+            name="prefill-engine",
+            gather=(PREFILL_GATHER_GAP_S, PREFILL_GATHER_MAX_S),
         )
         self.engine_loop.start()
 
