@@ -436,12 +436,14 @@ def main(
     for side in sides:
         side.generate(_prompts(2, 64, 7), 4)  # warm-up
     results = measure(sides, args)
-    llama = {} if llama_bench is None else llama_cpp_column(model, llama_bench, torch.get_num_threads(), args)
+    llama, llama_note = {}, ""
+    if llama_bench is not None:
+        llama, llama_note = llama_cpp_column(model, llama_bench, torch.get_num_threads(), args)
     print(
         f"engine bench: {model} {engine.layout_fingerprint()}, {dtype}, torch threads "
         f"{torch.get_num_threads()}, {args.clock} clock, decode = {args.decode_prompt_len}-token prompts"
         f" + {args.decode_tokens} new tokens, median of {args.repeats} (sides interleaved)"
-        + (", llama.cpp: the GGUF's quantized weights, same threads, run after" if llama else "")
+        + (f", llama.cpp: the GGUF's quantized weights, same threads, run after; {llama_note}" * bool(llama))
     )
     print(
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: active spin)')}, load average "

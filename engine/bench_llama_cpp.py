@@ -13,11 +13,18 @@ table's own rows, with the same thread count:
 llama.cpp runs the GGUF's own quantized weights (Q4_1 for SmolLM2), pdserve and transformers the
 dequantized ones in the serving dtype: the figures compare systems, not kernels on equal weights.
 Each cell is the median over ``repeats`` runs of the binary (one model load each).
+
+Otherwise llama.cpp runs with its defaults, as its users run it: weight repacking on, which on a CPU
+with AMX puts Q4_1 weights in ggml's AMX buffer (its fastest CPU kernels here). Only where that path
+dies of SIGILL (stock ggml built by GCC 12 loses the AMX tile config's stores, so the first tile
+instruction faults; ``bench/peers/build_llama_cpp.sh`` patches that) does it fall back to
+``--no-repack``, and the bench header says which ran (``probe_repack``).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -64,6 +71,7 @@ class LlamaBatchedBench:
     gguf: Path
     threads: int
     timeout_s: float = 600.0
+    repack: bool = True  # llama.cpp's default; False passes --no-repack (see probe_repack)
 
     def run(
         self, prompt_lens: tuple[int, ...], new_tokens: int, batches: tuple[int, ...]
@@ -76,10 +84,9 @@ class LlamaBatchedBench:
             "-npp", ",".join(map(str, prompt_lens)), "-ntg", str(new_tokens),
             "-npl", ",".join(map(str, batches)),
             "--output-format", "jsonl",
-            # no repacked (AMX / extra buffer) weights: this VM's CPU flags list AMX, but a tile instruction
-            # raises SIGILL here (the tiles are not granted), and a GGML_NATIVE build picks the AMX kernels
-            "--no-repack",
         ]  # fmt: skip
+        if not self.repack:
+            command.append("--no-repack")
         done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout_s, check=False)
         rows = parse_jsonl(done.stdout + done.stderr)  # results go through llama.cpp's log
         if done.returncode != 0 or len(rows) != len(prompt_lens) * len(batches):
@@ -106,10 +113,29 @@ class LlamaBatchedBench:
                 samples.setdefault(f"decode batch {row.num_sequences}", []).append(row.decode_tokens_per_s)
         return {name: statistics.median(values) for name, values in samples.items()}
 
+    def probe_repack(self) -> bool:
+        """Whether llama.cpp's default (repacked weights: AMX for Q4_1 on an AMX CPU) runs here: one tiny
+        run with it; False only when that run dies of SIGILL (an unpatched ggml AMX build)."""
+        command = [
+            str(self.binary), "-m", str(self.gguf), "-c", str(_KV_PAD), "-t", str(self.threads),
+            "-npp", "32", "-ntg", "2", "-npl", "1", "--output-format", "jsonl",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout_s, check=False)
+        return done.returncode not in (-signal.SIGILL, 128 + signal.SIGILL)
 
-def llama_cpp_column(model: str, binary: str, threads: int, settings: BenchSettings) -> dict[str, float]:
+
+def repack_note(repack: bool) -> str:
+    """How the llama.cpp column ran, for the bench header."""
+    if repack:
+        return "llama.cpp defaults (repacked weights: AMX where the CPU has it)"
+    return "--no-repack (the repacked/AMX path died of SIGILL: unpatched ggml AMX build)"
+
+
+def llama_cpp_column(
+    model: str, binary: str, threads: int, settings: BenchSettings
+) -> tuple[dict[str, float], str]:
     """``engine.bench``'s llama.cpp column: ``binary`` on the GGUF behind ``model`` (a GGUF file, a directory
-    holding one, or a model id that resolves to one), for the rows of ``settings``."""
+    holding one, or a model id that resolves to one), for the rows of ``settings``; and ``repack_note``."""
     from engine.builtin import resolve_model_path
     from engine.gguf import find_gguf_file
 
@@ -117,10 +143,13 @@ def llama_cpp_column(model: str, binary: str, threads: int, settings: BenchSetti
     if gguf is None:
         raise ValueError(f"--llama-bench needs a GGUF checkpoint; {model!r} has none")
     bench = LlamaBatchedBench(Path(binary), Path(gguf), threads)
-    return bench.measure(
+    if not bench.probe_repack():
+        bench = LlamaBatchedBench(Path(binary), Path(gguf), threads, repack=False)
+    figures = bench.measure(
         settings.prefill_lens,
         settings.decode_prompt_len,
         settings.decode_tokens,
         settings.batches,
         settings.repeats,
     )
+    return figures, repack_note(bench.repack)

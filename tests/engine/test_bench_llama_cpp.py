@@ -41,3 +41,13 @@ def test_failing_binary_raises_with_its_output(tmp_path: Path) -> None:
     bench = LlamaBatchedBench(fake, tmp_path / "m.gguf", threads=1)
     with pytest.raises(RuntimeError, match="unable to load model"):
         bench.run((128,), 64, (1,))
+
+
+@pytest.mark.parametrize(("dies_of_sigill", "expected"), [(True, False), (False, True)])
+def test_probe_repack_falls_back_only_on_sigill(tmp_path: Path, dies_of_sigill: bool, expected: bool) -> None:
+    """llama.cpp's default (repacked weights) unless it dies of SIGILL (an unpatched ggml AMX build)."""
+    fake = tmp_path / "llama-batched-bench"
+    body = "kill -ILL $$" if dies_of_sigill else "echo 'error: unable to load model' >&2; exit 1"
+    fake.write_text(f'#!/bin/sh\ncase "$*" in *--no-repack*) exit 0;; esac\n{body}\n')
+    fake.chmod(0o755)
+    assert LlamaBatchedBench(fake, tmp_path / "m.gguf", threads=1).probe_repack() is expected
