@@ -191,10 +191,12 @@ class ServedCost:
     prefill_shared: float  # slowdown of a prefill step while the decode replica works (shared cores)
     decode_shared: float  # slowdown of a decode step while the prefill replica works
     source: str
-    # the machine's step-to-step noise: observed / fitted time of the probes' prefills and decode
-    # gaps; the simulator multiplies each step by one drawn at random (seeded), () for none
-    prefill_jitter: tuple[float, ...] = ()
-    decode_jitter: tuple[float, ...] = ()
+    # the machine's load noise: observed / fitted time of the probes' requests (prefills, decode
+    # TPOTs); the simulator holds one drawn at random (seeded) for every ``noise_period_s`` of
+    # simulated time and multiplies the steps starting in it by it (load moves in bursts of seconds,
+    # not per step), () for none
+    noise: tuple[float, ...] = ()
+    noise_period_s: float = 1.0
 
     def step_s(self, step: Step) -> float:
         if step.num_prefills:

@@ -16,15 +16,16 @@ validation workloads themselves):
   the prefill replica working on the same two cores (how both replicas share them).
 
 Fits are non-negative least squares in relative error (``capacity.calibrate.nonnegative_fit``):
-probe-c1's prefill time on (1, uncached tokens, attention pairs); every token gap after the first on
-(1, the requests decoding at its end, the KV tokens they read), over the gaps during which no prefill
-ran; the sharing slowdowns as the median ratio of observed to fitted time (probe-c6's prefills, the
-gaps that overlapped a prefill); the hand-off linear in the prompt's tokens (a straight-line fit).
+probe-c1's prefill time on (1, uncached tokens, attention pairs); each request's TPOT after its first
+gap on (1, its mean decoding batch, the KV tokens that batch read), over the requests that a prefill
+overlapped for at most a quarter of that time; the sharing slowdowns: probe-c6's prefills against the
+fit (median ratio), and the other requests' TPOT against it per share of time overlapped; the hand-off
+linear in the prompt's tokens (a straight-line fit); the load noise: every fitted request's observed /
+fitted ratio (prefills and TPOTs), which the simulator applies per second of simulated time.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import time
@@ -81,22 +82,32 @@ def _prefill_intervals(records: Sequence) -> list[tuple[float, float]]:
     ]
 
 
-def _decode_gaps(records: Sequence) -> list[tuple[float, float, float, bool]]:
-    """(batch, KV tokens read, gap s, whether a prefill ran meanwhile) for every token gap after the
-    first (the first one holds the hand-off); the batch is the requests decoding at the gap's end."""
+def _decode_requests(records: Sequence) -> list[tuple[float, float, float, float]]:
+    """Per request with at least three tokens: (mean batch, mean KV tokens read, its TPOT after the
+    first gap (which holds the hand-off), the share of that time a prefill ran). A request's mean,
+    not each gap: a starved client gets tokens in bursts (gaps of 2 ms, then 800), a mean does not
+    care. The batch at a token is the requests decoding then."""
     spans = [(r.message_times_s[0], r.end_s, r.num_prompt_tokens, r) for r in records if r.message_times_s]
     prefills = _prefill_intervals(records)
     rows = []
     for r in records:
         times = r.message_times_s
-        for start, end in itertools.pairwise(times[1:]):
+        if len(times) < 3 or times[-1] <= times[1]:
+            continue
+        batches, contexts = [], []
+        for t in times[2:]:
             live = [
-                prompt + sum(1 for t in other.message_times_s if t < end)
+                prompt + sum(1 for m in other.message_times_s if m < t)
                 for first, last, prompt, other in spans
-                if first < end <= last
+                if first < t <= last
             ]
-            overlap = any(a < end and b > start for a, b in prefills)
-            rows.append((float(len(live)), float(sum(live)), end - start, overlap))
+            batches.append(len(live))
+            contexts.append(sum(live))
+        span = times[-1] - times[1]
+        overlap = sum(max(0.0, min(b, times[-1]) - max(a, times[1])) for a, b in prefills) / span
+        rows.append(
+            (float(np.mean(batches)), float(np.mean(contexts)), span / (len(times) - 2), min(1.0, overlap))
+        )
     return rows
 
 
@@ -119,15 +130,18 @@ def fit_served(records: dict[str, list], kv_bytes_per_token: int, source: str) -
     single, shared = records["probe-c1"], records["probe-c6"]
     rows, seconds = _prefill_rows(single)
     prefill = nonnegative_fit(rows, seconds)
-    prefill_jitter = seconds / (rows @ np.array(prefill))
+    prefill_noise = seconds / (rows @ np.array(prefill))
     rows, seconds = _prefill_rows(shared)  # prefills while the decode replica works: the sharing
     prefill_shared = _slowdown(seconds, rows @ np.array(prefill))
-    gaps = _decode_gaps(single) + _decode_gaps(shared)
-    alone = np.array([[1.0, b, ctx, gap] for b, ctx, gap, overlap in gaps if not overlap])
-    decode = nonnegative_fit(alone[:, :3], alone[:, 3])
-    decode_jitter = alone[:, 3] / (alone[:, :3] @ np.array(decode))
-    both = np.array([[1.0, b, ctx, gap] for b, ctx, gap, overlap in gaps if overlap])
-    decode_shared = _slowdown(both[:, 3], both[:, :3] @ np.array(decode)) if len(both) else 0.0
+    requests = np.array(_decode_requests(single) + _decode_requests(shared))
+    alone = requests[requests[:, 3] <= 0.25] if (requests[:, 3] <= 0.25).sum() >= 4 else requests
+    decode = nonnegative_fit(np.c_[np.ones(len(alone)), alone[:, :2]], alone[:, 2])
+    decode_noise = alone[:, 2] / (np.c_[np.ones(len(alone)), alone[:, :2]] @ np.array(decode))
+    both = requests[requests[:, 3] > 0.25]  # decoding while a prefill ran: the sharing, per share of time
+    predicted = np.c_[np.ones(len(both)), both[:, :2]] @ np.array(decode)
+    decode_shared = (
+        max(0.0, float(np.median((both[:, 2] / predicted - 1) / both[:, 3]))) if len(both) else 0.0
+    )
     handoff = [  # first token gap minus the later ones' mean, against the prompt's tokens
         (r.num_prompt_tokens, (t[1] - t[0]) - float(np.mean(np.diff(t[1:]))))
         for r in single
@@ -145,8 +159,7 @@ def fit_served(records: dict[str, list], kv_bytes_per_token: int, source: str) -
         prefill_shared,
         decode_shared,
         source,
-        tuple(round(float(x), 4) for x in prefill_jitter),
-        tuple(round(float(x), 4) for x in decode_jitter),
+        tuple(round(float(x), 4) for x in (*prefill_noise, *decode_noise)),
     )
 
 

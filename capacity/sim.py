@@ -215,8 +215,9 @@ class Simulation:
         self.counter = itertools.count()
         self.metrics = SimMetrics()
         # a served cost's noise (capacity.served): each step x a draw from its observed / fitted ratios
-        self._prefill_jitter = tuple(getattr(cost, "prefill_jitter", ()))
-        self._decode_jitter = tuple(getattr(cost, "decode_jitter", ()))
+        self._noise = tuple(getattr(cost, "noise", ()))
+        self._noise_period_s = getattr(cost, "noise_period_s", 1.0)
+        self._noise_at: dict[int, float] = {}  # period index -> its factor (drawn on first use)
         self._rng = random.Random(config.seed)
         self.metrics.path_s = getattr(cost, "path_s", 0.0)  # a served cost's per-request path (ingress, RPCs)
         self.colocated = config.prefill is None
@@ -387,9 +388,9 @@ class Simulation:
                 worker.busy = False
                 return
             durations = self._decode_run(worker)
-            if self._decode_jitter:
-                draw, noise = self._rng.choice, self._decode_jitter
-                durations = [d * draw(noise) for d in durations]
+            if self._noise:
+                factor = self._noise_now()
+                durations = [d * factor for d in durations]
             if self.config.shared_cores and self._others_busy(worker, prefill=True):
                 factor = 1.0 + getattr(self.cost, "decode_shared", 0.0)
                 durations = [d * factor for d in durations]
@@ -420,8 +421,8 @@ class Simulation:
             shape_of.num_prefills,
         )
         duration = self.cost.step_s(step)
-        if self._prefill_jitter:
-            duration *= self._rng.choice(self._prefill_jitter)
+        if self._noise:
+            duration *= self._noise_now()
         if self.config.shared_cores and self._others_busy(worker, prefill=False):
             duration *= 1.0 + getattr(self.cost, "prefill_shared", 0.0)
         worker.busy = True
@@ -431,6 +432,14 @@ class Simulation:
         self._push(self.now + duration, STEP_END, (worker, chunks, [duration], joined, worker.version))
         if self.config.shared_cores:
             self._replan_others(worker)
+
+    def _noise_now(self) -> float:
+        """A served cost's load noise: the factor of the period ``now`` falls in."""
+        period = int(self.now // self._noise_period_s)
+        factor = self._noise_at.get(period)
+        if factor is None:
+            factor = self._noise_at[period] = self._rng.choice(self._noise)
+        return factor
 
     def _others_busy(self, worker: Worker, prefill: bool) -> bool:
         """shared_cores: whether another worker is in a prefill step (``prefill``) or a decode run."""
@@ -541,7 +550,7 @@ class Simulation:
             metrics.on_token_gap(first_step_end - job.last_token_s, 1)
         metrics.on_token_gap(durations[0], worker.batch - len(joined))
         if len(durations) > 1:
-            metrics.itl.add_run(durations[1:], worker.batch, sorted_run=not self._decode_jitter)
+            metrics.itl.add_run(durations[1:], worker.batch, sorted_run=True)
         metrics.decode_tokens += worker.batch * len(durations)
         finishing = worker.finishing
         while finishing and finishing[0][0] <= worker.step_index:

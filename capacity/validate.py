@@ -104,7 +104,7 @@ def run_sim(case: Case, cost, kv_blocks: int, block_size: int = 16, seeds: int =
     )
     shape = PoolShape(1, kv_blocks, 2048, 64)
     router = RouterConfig(policy="cache_aware", block_size=unit)
-    noisy = bool(getattr(cost, "decode_jitter", ()) or getattr(cost, "prefill_jitter", ()))
+    noisy = bool(getattr(cost, "noise", ()))
     summaries = [
         Simulation(SimConfig(shape, shape, block_size, unit, router, shared_cores=True, seed=seed), cost)
         .run(requests)
