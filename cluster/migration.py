@@ -21,18 +21,21 @@ migrations avoid for ``suspect_s``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 from pydantic import BaseModel as _BaseModel
 from pydantic import Field, model_validator
 
-from cluster.replica_directory import ReplicaView
+from cluster.replica_directory import REPLICA_DIRECTORY, ReplicaView
 from engine.config import STRICT_FROZEN
 from worker_common.messages import DecodeChunk, SamplingSpec
+
+logger = logging.getLogger(__name__)
 
 # The prefill side of a migration only computes KV: its sampled token is dropped. Greedy, and it must
 # not end the request (a first token that ends it would unpin at once and lend no KV).
@@ -98,30 +101,68 @@ def is_replica_loss(error: BaseException) -> bool:
     return False
 
 
-async def watch_decode(stream: Any, timeout_s: float, replica_id: str) -> AsyncIterator[DecodeChunk]:
+async def watch_decode(
+    stream: Any, timeout_s: float, replica_id: str, is_reporting: Callable[[str], bool] | None = None
+) -> AsyncIterator[DecodeChunk]:
     """The chunks of one decode stream, heartbeats dropped; ``DecodeReplicaLost`` when it breaks or is
-    silent for ``timeout_s`` (``replica_id``: the target, or "" until the first message names it)."""
+    silent for ``timeout_s`` (``replica_id``: the target, or "" until the first message names it).
+
+    Before its first message a call may still wait in Serve's queue for a free slot on the replica
+    (``max_ongoing_requests``): no heartbeat comes from there. So until the first message, silence is a
+    loss only once ``is_reporting(replica_id)`` says the replica (any decode replica, for "") stopped
+    publishing its load reports; a busy healthy one keeps reporting. Without it, silence is a loss."""
     iterator = aiter(stream)
     last_heard = time.time()
-    while True:
-        try:
-            async with asyncio.timeout(timeout_s) as deadline:
-                chunk = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            if deadline.expired():
-                raise DecodeReplicaLost(replica_id, f"no message for {timeout_s:g} s", last_heard) from None
-            raise
-        except Exception as error:
-            if is_replica_loss(error):
-                reason = f"{type(error).__name__}: {_first_line(str(error))}"
-                raise DecodeReplicaLost(replica_id, reason, last_heard) from error
-            raise
-        last_heard = time.time()
-        replica_id = chunk.replica_id or replica_id
-        if not chunk.is_heartbeat:
-            yield chunk
+    has_heard = False
+    pending: asyncio.Future[DecodeChunk] | None = None
+    try:
+        while True:
+            if pending is None:  # never cancelled on a timeout: cancelling it would cancel the call
+                pending = asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait((pending,), timeout=timeout_s)
+            if not done:
+                if not has_heard and is_reporting is not None and is_reporting(replica_id):
+                    continue  # queued for a slot on a replica that is alive and reporting
+                raise DecodeReplicaLost(replica_id, f"no message for {timeout_s:g} s", last_heard)
+            finished, pending = pending, None
+            try:
+                chunk = finished.result()
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:  # the call was cancelled under us (we were not): Serve's doing
+                logger.warning("decode stream on %s cancelled by Serve; treated as lost", replica_id or "?")
+                raise DecodeReplicaLost(replica_id, "the call was cancelled by Serve", last_heard) from None
+            except Exception as error:
+                if is_replica_loss(error):
+                    reason = f"{type(error).__name__}: {_first_line(str(error))}"
+                    raise DecodeReplicaLost(replica_id, reason, last_heard) from error
+                raise
+            last_heard, has_heard = time.time(), True
+            replica_id = chunk.replica_id or replica_id
+            if not chunk.is_heartbeat:
+                yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+def decode_reports_within(within_s: float) -> Callable[[str], bool]:
+    """``watch_decode``'s ``is_reporting``: whether the decode replica ``replica_id`` (every decode
+    replica, for "") published a load report in the last ``within_s`` seconds, as this process's Serve
+    router holds them."""
+
+    def is_reporting(replica_id: str) -> bool:
+        views = [
+            view
+            for view in REPLICA_DIRECTORY.replicas("DecodeDeployment")
+            if not replica_id or view.replica_id == replica_id
+        ]
+        now = time.time()
+        return bool(views) and all(
+            view.load is not None and now - view.load.reported_at <= within_s for view in views
+        )
+
+    return is_reporting
 
 
 def _first_line(text: str) -> str:

@@ -33,6 +33,7 @@ from cluster.migration import (
     MigrationEvent,
     MigrationLog,
     StreamProgress,
+    decode_reports_within,
     watch_decode,
 )
 from cluster.model_info import ModelInfo
@@ -248,7 +249,8 @@ class RequestPath:
         stream = self.decode_stream.generate.remote(item, target_replica_id=replica_id)
         try:
             timeout_s = self.config.migration.heartbeat_timeout_s
-            async for chunk in watch_decode(stream, timeout_s, replica_id or ""):
+            is_reporting = decode_reports_within(timeout_s)  # no message yet + replica reporting: queued
+            async for chunk in watch_decode(stream, timeout_s, replica_id or "", is_reporting):
                 if chunk.is_transfer_report:
                     self._on_transfer(chunk, trace)
                     if result is not None:
