@@ -2,15 +2,18 @@
 
 ``ray_session`` starts Ray (fractional CPUs, no dashboard, temp dir under /tmp) the first time a test
 asks for it and shuts it down at the end of the session. ``pd_cluster`` is the pdserve application on
-that Ray; ``pd_cluster.ensure(config)`` redeploys only when the config differs from the running one, so
-tests that agree on a config share one deployment.
+that Ray; ``pd_cluster.ensure(config)`` deploys a config once and keeps the last ``KEEP_APPS`` deployments
+running (each under its own app name), so tests that agree on a config share one deployment even when other
+tests run between them: a deployment costs 15-25 s on 2 cores, most of the suite's budget.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,31 +44,48 @@ def ray_session() -> Iterator[None]:
         ray.shutdown()
 
 
+KEEP_APPS = 4  # deployments alive at once (a tiny-model app: 0.6-1.1 logical CPUs, 3-5 replica processes)
+
+
 class ClusterHandle:
-    """The pdserve application in the session's Ray, redeployed only when a test needs another config."""
+    """The pdserve applications in the session's Ray: one per config, the least recently used deleted
+    once more than ``KEEP_APPS`` would run. Each gets its own app name (``<app_name>-<n>``): a test that
+    needs the name reads ``cluster.config.app_name``."""
 
     def __init__(self) -> None:
-        self.cluster: Any = None
+        self.cluster: Any = None  # the one the last ``ensure`` returned
+        self._apps: OrderedDict[str, Any] = OrderedDict()  # config key -> EmbeddedCluster, oldest first
         self.deploys: list[tuple[str, float]] = []  # (test that asked, seconds): printed at the end
 
     def ensure(self, config: Any) -> Any:
         """A running ``EmbeddedCluster`` for ``config`` (its gRPC port is picked when it is 0)."""
         from cluster.embedded import EmbeddedCluster
 
-        if self.cluster is not None and self.cluster.config == config:
+        key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        if key in self._apps:
+            self._apps.move_to_end(key)
+            self.cluster = self._apps[key]
             return self.cluster
         started = time.perf_counter()
-        if self.cluster is not None:
-            self.cluster.delete_app()
-        self.cluster = EmbeddedCluster(config).start()
+        while len(self._apps) >= KEEP_APPS:
+            self._delete(self._apps.popitem(last=False)[1], blocking=False)
+        named = config.override({"app_name": f"{config.app_name}-{len(self.deploys)}"})
+        self.cluster = self._apps[key] = EmbeddedCluster(named).start()
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
         self.deploys.append((test, time.perf_counter() - started))
         return self.cluster
 
+    @staticmethod
+    def _delete(cluster: Any, blocking: bool) -> None:
+        """Delete an app; not blocking, Serve tears it down while the next one deploys (another name)."""
+        from ray import serve
+
+        serve.delete(cluster.config.app_name, _blocking=blocking)
+
     def close(self) -> None:
-        if self.cluster is not None:
-            self.cluster.delete_app()
-            self.cluster = None
+        while self._apps:
+            self._delete(self._apps.popitem(last=False)[1], blocking=True)
+        self.cluster = None
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,8 @@ def test_prefill_replica_dies_mid_transfer(pd_cluster, backend: str) -> None:
         pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), max_tokens=8, ignore_eos=True) for p in prompts
     ]
 
-    assert _decode_blocks_held(config.app_name) == 0  # also warms the driver's handle for the 1 s check
+    app = cluster.config.app_name  # the session's own name for this deployment
+    assert _decode_blocks_held(app) == 0  # also warms the driver's handle for the 1 s check
 
     results, after_kill_s = asyncio.run(_streams_killing_prefill(address, requests, old_replica))
     for prompt, result, seconds in zip(prompts, results, after_kill_s, strict=True):
@@ -107,7 +108,7 @@ def test_prefill_replica_dies_mid_transfer(pd_cluster, backend: str) -> None:
         assert result.last.timings.kv_transfer_ms < (PULL_DELAY_S + TRANSFER_TIMEOUT_S) * 1e3 + 500
     # The decode replica is asked directly (ClusterInfo would wait out the dead prefill replica's 2 s).
     start = time.perf_counter()
-    while (held := _decode_blocks_held(config.app_name)) and time.perf_counter() - start < 1.0:
+    while (held := _decode_blocks_held(app)) and time.perf_counter() - start < 1.0:
         time.sleep(0.05)
     assert held == 0, f"decode replica holds {held} blocks 1 s after the streams ended"
 

@@ -143,7 +143,8 @@ def test_cache_aware_placement_follows_the_cache_and_splits_a_hot_prefix(pd_clus
 
     # 3. the owner saturated: the conversation's prefix is copied to the other replica, which serves it
     turn3, turn4 = turn2 + _tokens(4, 20), turn2 + _tokens(5, 20)
-    (third, fourth), hold_replicas = asyncio.run(_hot_turns(address, config.app_name, owner, [turn3, turn4]))
+    app = cluster.config.app_name
+    (third, fourth), hold_replicas = asyncio.run(_hot_turns(address, app, owner, [turn3, turn4]))
     assert hold_replicas == [owner] * HOLD_PROMPTS
     copy = next(r for r in replicas if r != owner)
     assert third.route.prefill_replica == copy and "prefill=replicate" in third.route.reason, third.route

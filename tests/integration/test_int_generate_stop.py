@@ -65,11 +65,11 @@ NEVER = "<never seen>"  # a second, longer stop string: the detokenizers then ho
 
 @pytest.mark.parametrize(
     ("mode", "stop_at", "with_longer_stop"),
-    [
+    [  # colocated first: test_int_generate ends on that cluster (the session keeps the others too)
+        ("colocated", 0, False),
         ("disaggregated", 0, False),
         ("disaggregated", 0, True),
         ("disaggregated", 2, True),
-        ("colocated", 0, False),
         ("recompute", 2, False),
     ],
 )
