@@ -365,8 +365,7 @@ struct Block {  // one packed weight: [blocks][K/2][32]
   int64_t kp, nblocks, n;
 };
 
-Block block_of(const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 32 && packed.is_contiguous(), "packed [N/16, K/2, 32]");
+Block block_of(const at::Tensor& packed, int64_t n) {  // checked before the parallel region (no throw in it)
   return {reinterpret_cast<const uint32_t*>(packed.data_ptr<bf16>()), packed.size(1), packed.size(0), n};
 }
 
@@ -498,6 +497,17 @@ at::Tensor decode_layers(const at::Tensor& residual, const std::vector<at::Tenso
   TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.stride(5) == 1 && mirror.dim() == 6 && mirror.stride(5) == 1 &&
                   mirror.stride(4) == dim && mirror.size(2) >= m,
               "pool [blocks, layers, 2, block, kv, D], mirror [layers, 2, rows, kv, capacity, D]");
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t widths[4][2] = {{qkv_n, hidden}, {hidden, heads * dim}, {2 * inter, hidden}, {hidden, inter}};
+    for (int j = 0; j < 4; ++j) {
+      const at::Tensor& packed = weights[l * 6 + (j < 2 ? 1 + j : 2 + j)];
+      TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 32 && packed.is_contiguous() &&
+                      packed.scalar_type() == at::kBFloat16 && packed.size(0) * 16 >= widths[j][0] &&
+                      packed.size(1) * 2 == widths[j][1],
+                  "packed weights [N/16, K/2, 32] of the layer's shapes");
+    }
+    for (int j : {0, 3}) TORCH_CHECK(weights[l * 6 + j].numel() == hidden, "norm weights [hidden]");
+  }
   at::Tensor shared = at::empty({m * (qkv_n + heads * dim + hidden + 3 * inter)}, residual.options());
   at::Tensor out = at::empty_like(residual);
   bf16* sp = shared.data_ptr<bf16>();
