@@ -11,7 +11,9 @@ that summary. ``cost`` is the work ``w`` must finish before this prompt's first 
 the prefill rate, every worker having the same rate.
 
 Decision (``d`` = deepest probe depth any worker holds, ``d0`` = the shallowest depth every worker
-holds; ``ring key`` = the first probe key nobody holds, or the deepest one):
+that holds anything at all holds, 0 unless at least two do: a preamble every caching worker shares,
+such as a system prompt or Mooncake's universal first block, even while some workers are still
+empty; ``ring key`` = the first probe key nobody holds, or the deepest one):
 
 1. ``d > d0`` (someone holds this prompt's own prefix, not just what everyone shares), or every
    worker holds all of the prompt's probes (a hot prefix copied everywhere): the
@@ -75,8 +77,12 @@ class CacheAwarePolicy:
         matched: dict[str, int] = {}  # workers holding at least the first probe -> probes held
         saved: dict[str, int] = {}  # the same workers -> cached tokens they save
         deepest = 0
+        caching = 0  # workers holding anything at all
         first = probes[0]
         for worker_id, keys in loads.held.items():
+            if not keys:
+                continue
+            caching += 1
             if first in keys:
                 depth = 1
                 while depth < num_probes and probes[depth] in keys:
@@ -88,7 +94,7 @@ class CacheAwarePolicy:
                     cheapest = queued[worker_id] - tokens
                 if depth > deepest:
                     deepest = depth
-        shallowest = min(matched.values()) if len(matched) == len(queued) else 0
+        shallowest = min(matched.values()) if len(matched) == caching > 1 else 0
         ring_key = probes[deepest] if deepest < num_probes else probes[-1]
         position = int_key_position(ring_key)
         if deepest > shallowest or deepest == num_probes:  # its own prefix, or all of it everywhere

@@ -43,7 +43,8 @@ def reference_choose(config: RouterConfig, probes, depths, num_tokens, loads: Lo
     if not probes:
         return first_within(RING.walk_from_position(0), costs, cheapest), RouteReason.LEAST_LOADED, 0
     deepest = max(matched.values(), default=0)
-    shallowest = min(matched.values()) if len(matched) == len(costs) else 0
+    caching = [w for w in loads.worker_ids if loads.held[w]]  # a worker holding nothing shares nothing
+    shallowest = min(matched.values()) if len(matched) == len(caching) > 1 else 0
     ring_key = probes[deepest] if deepest < len(probes) else probes[-1]
     walk = RING.walk_from_position(int_key_position(ring_key))
     if deepest > shallowest or deepest == len(probes):
@@ -94,6 +95,8 @@ def test_fast_path_matches_the_reference_rule_in_random_states() -> None:
         for worker_id in WORKERS:
             held = rng.randrange(0, num_probes + 1) if rng.random() < 0.5 else 0
             keys = tuple(probes[: max(held, preamble)]) + tuple(rng.randrange(1 << 60) for _ in range(5))
+            if rng.random() < 0.15:
+                keys = ()  # a worker that has cached nothing yet
             summary = PrefixSummary(1, keys)
             queued = rng.randrange(0, 8000)
             report = LoadReport(worker_id, queued, 0, 10, 10, 1.0, summary, computed[worker_id])
