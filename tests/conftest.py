@@ -47,6 +47,13 @@ def ray_session() -> Iterator[None]:
 KEEP_APPS = 4  # deployments alive at once (a tiny-model app: 0.6-1.1 logical CPUs, 3-5 replica processes)
 
 
+def _cheap_when_idle(config: Any) -> bool:
+    """Kept alive only when idle replicas cost nothing: NIXL's (UCX) and torch.distributed's transfer agents
+    poll, an idle NIXL app took 1.4 of the 2 cores (measured in a CI rehearsal), so such an app is deleted
+    as soon as a test asks for another config."""
+    return config.kv_transfer.backend == "shm"
+
+
 class ClusterHandle:
     """The pdserve applications in the session's Ray: one per config, the least recently used deleted
     once more than ``KEEP_APPS`` would run. Each gets its own app name (``<app_name>-<n>``): a test that
@@ -62,6 +69,8 @@ class ClusterHandle:
         from cluster.embedded import EmbeddedCluster
 
         key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        for other in [k for k, app in self._apps.items() if k != key and not _cheap_when_idle(app.config)]:
+            self._delete(self._apps.pop(other), blocking=False)
         if key in self._apps:
             self._apps.move_to_end(key)
             self.cluster = self._apps[key]
