@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, TorchAttention
+from engine.cpu_linear import KERNEL_MAX_ROWS
 from engine.model_config import ModelConfig
 from engine.rope import RotaryEmbedding, apply_rotary
 
@@ -188,8 +189,6 @@ class CausalLM(nn.Module):
 
     def _one_call_decode(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether ``decode_layers`` runs the step: 1-``KERNEL_MAX_ROWS`` decode tokens on the mirror."""
-        from engine.cpu_linear import KERNEL_MAX_ROWS
-
         only_decodes = meta.num_decode_tokens == num_tokens <= KERNEL_MAX_ROWS and not meta.prefills
         return only_decodes and meta.decode_mirror is not None and self.decode_weights is not None
 
