@@ -52,10 +52,14 @@ def build_application(config: ClusterConfig) -> Application:
 
 
 def _actor_options(pool: PoolConfig) -> dict[str, Any]:
-    """Ray resources of one replica: CPUs, GPUs and the pool's custom resources (node placement)."""
+    """Ray options of one replica: CPUs, GPUs, the pool's custom resources (node placement) and the
+    environment of its process (``env_vars``, as a ``runtime_env``: Ray merges it with the job's own
+    env_vars, and it reaches replicas on every node, KubeRay's included)."""
     options: dict[str, Any] = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
     if pool.resources:
         options["resources"] = dict(pool.resources)
+    if pool.env_vars:
+        options["runtime_env"] = {"env_vars": dict(pool.env_vars)}
     return options
 
 

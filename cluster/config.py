@@ -72,6 +72,10 @@ DEFAULT_MODEL_ID = SMOLLM2_MODEL_ID
 """What ``pdserve serve`` serves with no ``--model``: a real instruct model (``engine.builtin``)."""
 DEFAULT_DTYPE = "bfloat16"  # faster than float32 on this CPU (AVX512-BF16); docs/benchmarks.md
 DEFAULT_KV_CACHE_BYTES = 384 * 2**20  # per replica: 32 streams of 512 SmolLM2 tokens in bfloat16 (+6 %)
+# Set in every replica process (Ray runtime_env). glibc's per-thread malloc arenas fragment: a prefill
+# replica's RSS crept ~4 MiB/min in a 30-min soak with the default, flat with 2 (docs/benchmarks.md, "Soak")
+DEFAULT_REPLICA_ENV_VARS = {"MALLOC_ARENA_MAX": "2"}
+EnvVarName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class ClusterEngineConfig(EngineConfig):
@@ -118,6 +122,8 @@ class PoolConfig(_Section):
     # Ray custom resources each replica needs, e.g. {prefill_node: 1} to place the pool on nodes that
     # were started with `ray start --resources '{"prefill_node": 4}'`
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    # the environment of each replica process (Ray runtime_env env_vars, so KubeRay too); {}: none
+    env_vars: dict[EnvVarName, str] = Field(default_factory=lambda: dict(DEFAULT_REPLICA_ENV_VARS))
 
     @model_validator(mode="after")
     def _check_and_derive(self) -> PoolConfig:

@@ -265,6 +265,9 @@ def test_the_builder_builds_and_the_overrides_match_its_deployments() -> None:
         options = overrides[name]["ray_actor_options"]
         assert options["num_cpus"] == args[pool]["num_cpus"]
         assert options.get("num_gpus", 0) == args[pool].get("num_gpus", 0)
+        # the replica environment too (the pool's env_vars: MALLOC_ARENA_MAX=2 unless args say otherwise)
+        code_env = next(d for d in built.deployments if d.name == name).ray_actor_options["runtime_env"]
+        assert options["runtime_env"] == code_env == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
     for name, pool in (("PrefillDeployment", "prefill"), ("DecodeDeployment", "decode")):
         autoscaling = overrides[name]["autoscaling_config"]
         assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (

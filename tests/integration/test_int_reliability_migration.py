@@ -181,6 +181,42 @@ def _check(
     return delays
 
 
+def test_every_replica_process_has_the_pool_env_vars(pd_cluster) -> None:
+    """``PoolConfig.env_vars`` (default ``MALLOC_ARENA_MAX=2``) reaches each replica process's environment
+    through Ray's runtime_env; the Serve controller (same Ray, no such runtime_env) shows it is not
+    inherited from the Ray job."""
+    from ray.serve.context import _get_global_client
+
+    cluster = pd_cluster.ensure(_config())
+    details = _get_global_client().get_serve_details()
+    controller_env = _environ(_actor_pid(details["controller_info"]["actor_id"]))
+    assert "MALLOC_ARENA_MAX" not in controller_env, "set in Ray's own environment: the check proves nothing"
+    deployments = details["applications"][cluster.config.app_name]["deployments"]
+    pids = {
+        (name, replica["replica_id"]): replica["pid"]
+        for name, deployment in deployments.items()
+        for replica in deployment["replicas"]
+        if replica["state"] == "RUNNING"
+    }
+    assert sorted(name for name, _ in pids) == [
+        "DecodeDeployment", "DecodeDeployment", "IngressDeployment", "PrefillDeployment"
+    ]
+    for replica, pid in pids.items():
+        assert _environ(pid).get("MALLOC_ARENA_MAX") == "2", replica
+
+
+def _actor_pid(actor_id: str) -> int:
+    from ray._private.state import actors  # the GCS actor table (the state API needs the dashboard)
+
+    return int(actors(actor_id)["Pid"])
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as file:
+        entries = file.read().decode(errors="replace").split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
 def test_hung_decode_replica_streams_migrate(pd_cluster) -> None:
     cluster = pd_cluster.ensure(_config())
     requests = _requests()
