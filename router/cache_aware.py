@@ -26,9 +26,14 @@ empty; ``ring key`` = the first probe key nobody holds, or the deepest one):
    cheapest (``replicate``: a new copy, always on the same successors, so every ingress replica
    grows the same copies). Between the two margins nothing changes: hysteresis.
 2. Otherwise (a prefix nobody holds yet: a new conversation): the first worker along the ring walk
-   whose cost is within ``new_prefix_slack_tokens`` of the cheapest (``ring_owner`` if that is the
-   ring owner, else ``ring_walk``): new conversations spread by the ring, bursts of one new prefix
-   land together, and a long queue is still avoided.
+   whose cost is within ``new_prefix_slack_tokens`` of the cheapest and whose *work taken on*
+   (computed prompt tokens since it started + queued, from its reports) is at most
+   ``max(new_prefix_work_floor_tokens, new_prefix_work_factor * the pool's mean)`` (if none within
+   the slack is, the first within the slack): ``ring_owner`` if that is the ring owner, else
+   ``ring_walk``. New conversations spread by the ring, bursts of one new prefix land together, a
+   long queue is still avoided, and, since a conversation's later turns follow its cache, no worker
+   collects more than its share of the conversations' work (bounded-load consistent hashing on
+   cumulative work; factor 1.0 by default, 0 turns the bound off).
 
 Deterministic: only the reports, the worker set and the router's own decisions count.
 """

@@ -67,8 +67,11 @@ class RouterConfig(BaseModel):
             worker whose work taken on (prompt tokens computed since it started plus queued ones,
             from its reports) exceeds ``max(new_prefix_work_floor_tokens, this * the pool's mean)``:
             consistent hashing with bounded loads on the work each worker's conversations brought,
-            since their later turns follow their cache; 0: off.
-        new_prefix_work_floor_tokens: cache_aware: the absolute floor of that bound.
+            since their later turns follow their cache; 0: off. Default 1.0 (epsilon 0: a new
+            conversation goes to the first ring worker, among those that can start it soonest, that
+            has not taken on more than its share; see docs/router.md).
+        new_prefix_work_floor_tokens: cache_aware: the absolute floor of that bound (default 8,192,
+            about one long prompt: while the pool's mean work is below it, the ring alone places).
         summary_max_keys: cap on the probe keys a worker publishes in one summary.
         summary_period_s: how often a worker rebuilds its summary (between rebuilds it re-sends the
             same one).
@@ -90,8 +93,8 @@ class RouterConfig(BaseModel):
     replicate_margin_factor: NonNegative = 0.0
     split_margin_tokens: Annotated[int, Field(ge=0)] = 4096
     new_prefix_slack_tokens: Annotated[int, Field(ge=0)] = 0
-    new_prefix_work_factor: NonNegative = 0.0
-    new_prefix_work_floor_tokens: Annotated[int, Field(ge=0)] = 0
+    new_prefix_work_factor: NonNegative = 1.0
+    new_prefix_work_floor_tokens: Annotated[int, Field(ge=0)] = 8192
     summary_max_keys: PositiveInt = 4096
     summary_period_s: Annotated[float, Field(gt=0)] = 1.0
 
