@@ -52,7 +52,9 @@ class ModelRunner:
         backend = model.model.layers[0].self_attn.backend
         use_mirror = decode_mirror_bytes > 0 and getattr(backend, "uses_decode_mirror", False)
         use_mirror = use_mirror and self.graphs is None  # graphs replay the gather path (fixed shapes)
-        self.mirror = DecodeMirror(kv_cache, decode_mirror_bytes) if use_mirror else None
+        # the bf16 kernels read a mirror row only up to its length; torch SDPA also reads masked padding
+        zero_padding = getattr(model, "kernels", None) is None
+        self.mirror = DecodeMirror(kv_cache, decode_mirror_bytes, zero_padding) if use_mirror else None
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[Sequence]]:
