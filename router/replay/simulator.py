@@ -204,8 +204,10 @@ def simulate(
     capacity_blocks: int,
     cost: CostModel,
     ideal: float,
+    on_request=None,
 ) -> PolicyResult:
-    """Replay ``requests`` through ``policy`` on a fresh pool."""
+    """Replay ``requests`` through ``policy`` on a fresh pool; ``on_request(request, index, hit_blocks,
+    best_blocks (most any worker held), start_s, finish_s)`` after each placement (``diagnose``)."""
     workers = [SimWorker(f"prefill-{i}", LRUPrefixCache(capacity_blocks)) for i in range(num_workers)]
     view = PoolView(workers, cost)
     policy.reset(view)
@@ -220,6 +222,8 @@ def simulate(
         index = policy.choose(request, view)
         worker = workers[index]
         hit_blocks = worker.cache.match(request.block_ids)
+        if on_request is not None:
+            best_blocks = max(w.cache.match(request.block_ids) for w in workers)
         worker.cache.insert(request.block_ids)
         worker.note_prefilled(request.block_ids)
         num_hit += hit_blocks
@@ -235,6 +239,8 @@ def simulate(
         worker.assigned_tokens += uncached_tokens
         queue_delays.append(start - now)
         ttfts.append(worker.free_at_s - now)
+        if on_request is not None:
+            on_request(request, index, hit_blocks, best_blocks, start, worker.free_at_s)
     hit_rate = num_hit / num_total if num_total else 0.0
     busy = [w.busy_s for w in workers]
     counts = [w.num_requests for w in workers]

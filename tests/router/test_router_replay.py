@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -229,8 +231,16 @@ def test_cache_aware_bench_runs() -> None:
 def test_aibrix_prompts_share_blocks_exactly_within_a_prefix_group(tmp_path: Path) -> None:
     shared = "Shared system text. " * 60  # ~1,200 characters
     rows = [
-        {"timestamp": 10 * i, "requests": [{"prompt": f"{i % 2}{shared}question {i} " * 1 + "x" * 300,
-                                             "Prompt Length": 400, "Output Length": 8}]}
+        {
+            "timestamp": 10 * i,
+            "requests": [
+                {
+                    "prompt": f"{i % 2}{shared}question {i} " * 1 + "x" * 300,
+                    "Prompt Length": 400,
+                    "Output Length": 8,
+                }
+            ],
+        }
         for i in range(6)
     ]
     trace = tmp_path / "aibrix.jsonl"
@@ -242,3 +252,42 @@ def test_aibrix_prompts_share_blocks_exactly_within_a_prefix_group(tmp_path: Pat
     shared_blocks = next(i for i, (a, b) in enumerate(zip(same, other, strict=True)) if a != b)
     assert shared_blocks >= 10  # the common text covers the leading blocks of both
     assert records[1].hash_ids[0] != same[0]  # group "1" starts differently
+
+
+def test_diagnose_accounts_for_every_lost_block_and_changes_nothing(tmp_path: Path) -> None:
+    """router.replay.diagnose: its hook leaves the replay's figures as they are, and lost hits split
+    exactly into placement (best worker held more) + partition (nobody held it) - gains, counted from
+    an independent global LRU; replicate causes by hand on two placements."""
+    from router.replay.diagnose import Placed, replay_placements, replicate_causes
+
+    lines = []
+    for i in range(200):
+        ids = [0, 1000 + i % 17] + [10_000 + (i % 17) * 100 + t for t in range(i // 17 + 1)]
+        lines.append(
+            json.dumps(
+                {"timestamp": i * 60, "input_length": 512 * len(ids) - 7, "output_length": 5, "hash_ids": ids}
+            )
+        )
+    trace = tmp_path / "mini.jsonl"
+    trace.write_text("\n".join(lines) + "\n")
+    requests = to_sim_requests(load_trace(trace))
+    cost = CostModel.for_utilization(requests, 4, 0.9, 0.02, 512)
+    config = RouterConfig(block_size=512, replicate_margin_tokens=2048, split_margin_tokens=512)
+    result, busy, placed = replay_placements(requests, config, 4, 48, cost)
+    plain = simulate(requests, make_replay_policy("pdserve", config), 4, 48, cost, result.ideal_hit_rate)
+    assert result == dataclasses.replace(plain, decisions_per_s=result.decisions_per_s)
+    assert [p.reason for p in placed].count("replicate") == plain.reasons.get("replicate", 0) > 0
+    global_lru, ideal = LRUPrefixCache(4 * 48), 0
+    for request in requests:
+        ideal += global_lru.match(request.block_ids)
+        global_lru.insert(request.block_ids)
+    assert sum(p.ideal for p in placed) == ideal
+    placement = sum(p.best - p.hit for p in placed)
+    partition = sum(max(0, p.ideal - p.best) for p in placed)
+    gains = sum(max(0, p.best - p.ideal) for p in placed)
+    assert ideal - sum(p.hit for p in placed) == placement + partition - gains
+    assert max(busy) / (sum(busy) / 4) == pytest.approx(result.load_max_over_mean)
+    long_new = Placed(0, "ring_walk", 0, 0, 0, 0.0, 10.0, 9000, 7)
+    turn = Placed(0, "prefix_cache", 2, 2, 2, 1.0, 2.0, 1100, 5)
+    moved = Placed(1, "replicate", 1, 3, 3, 5.0, 6.0, 1600, 5)
+    assert replicate_causes([long_new, turn, moved], cost) == (1, Counter({"ring_walk": 9000}))
