@@ -14,12 +14,15 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
-from cluster.config import ClusterConfig, PoolConfig, config_from_dict
+from cluster.config import ClusterConfig, PoolConfig, PoolName, config_from_dict
 from cluster.deployments import DecodeDeployment, PrefillDeployment
 from cluster.ingress import IngressDeployment
 from cluster.request_path import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT
 
 INGRESS_DEPLOYMENT = "IngressDeployment"
+DEPLOYMENT_OF_POOL = {
+    "prefill": PREFILL_DEPLOYMENT, "decode": DECODE_DEPLOYMENT, "ingress": INGRESS_DEPLOYMENT
+}
 AUTOSCALING_POLICIES = {
     PREFILL_DEPLOYMENT: "cluster.autoscaling:prefill_policy",
     DECODE_DEPLOYMENT: "cluster.autoscaling:decode_policy",
@@ -49,6 +52,26 @@ def build_application(config: ClusterConfig) -> Application:
         ray_actor_options=_actor_options(config.ingress),
     )
     return ingress.bind(config_dict, prefill, decode)
+
+
+def is_externally_scaled(config: ClusterConfig) -> bool:
+    """Whether ``scale_pool`` may set the pools' replica counts: when no pool autoscales (Serve refuses its
+    external scaling API beside its own autoscaling). ``EmbeddedCluster`` deploys with it so."""
+    return not any(config.pool(name).is_autoscaling for name in config.worker_pools)
+
+
+def scale_pool(app_name: str, pool: PoolName, num_replicas: int) -> None:
+    """Set a fixed-size pool's replica count in place through Serve's external scaling API (what the
+    dashboard's ``POST /api/v1/applications/{app}/deployments/{deployment}/scale`` calls): the other replicas
+    keep running; a removed one drains (Serve's graceful shutdown: a decode replica's streams finish within
+    ``migration.drain_timeout_s``, then Serve kills it and the ones left migrate, ``cluster.migration``)."""
+    import ray
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.context import _get_global_client
+
+    deployment = DeploymentID(name=DEPLOYMENT_OF_POOL[pool], app_name=app_name)
+    controller = _get_global_client()._controller  # the dashboard's route is off in the embedded cluster
+    ray.get(controller.update_deployment_replicas.remote(deployment, num_replicas))
 
 
 def _actor_options(pool: PoolConfig) -> dict[str, Any]:

@@ -78,7 +78,7 @@ class EmbeddedCluster:
     def start(self) -> EmbeddedCluster:
         from ray import serve
 
-        from cluster.app import build_application
+        from cluster.app import build_application, is_externally_scaled
 
         if self.address is None:  # the replicas run on this machine: it must have the GPUs they ask for
             self.config.check_devices()
@@ -86,7 +86,12 @@ class EmbeddedCluster:
         self._has_ray = True
         start_serve()
         started = time.perf_counter()
-        handle = serve.run(build_application(self.config), name=self.config.app_name, route_prefix=None)
+        handle = serve.run(
+            build_application(self.config),
+            name=self.config.app_name,
+            route_prefix=None,
+            external_scaler_enabled=is_externally_scaled(self.config),  # cluster.app.scale_pool
+        )
         self.grpc_address = handle.grpc_address.remote().result(timeout_s=self.ready_timeout_s)
         self.http_address = handle.http_address.remote().result(timeout_s=self.ready_timeout_s)
         logger.info(

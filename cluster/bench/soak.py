@@ -9,7 +9,9 @@ request the server refuses), an HTTP stream dropped mid-way — while a killer S
 decode replica every ``--kill-every-s``; at the end it waits for the cluster to go idle and reports
 leaked KV blocks (blocks held by requests once none runs: must be 0), INTERNAL/UNKNOWN counts (must be
 0) and the memory of each replica over time (RSS samples). Streams cut by a kill end UNAVAILABLE (or
-are migrated, when decode migration is on): counted, not failures.
+are migrated, when decode migration is on): counted, not failures. ``--kill drain-decode`` removes a
+decode replica by a scale-down instead (Serve drains it; streams that outlive ``migration.drain_timeout_s``
+migrate) and adds it back half a period later.
 
 Both start their own local Ray in this process, in ``--ray-temp-dir`` (not the tests' /tmp/pdserve-ray),
 and never attach to another Ray: ``ray.init`` is called without an address, so it starts a new one.
@@ -39,6 +41,7 @@ FORBIDDEN = ("INTERNAL", "UNKNOWN")
 MIB = 2**20
 DETAILS: dict[str, collections.Counter[str]] = {}  # code -> the details of the streams that ended so
 KILLABLE = {"any": ("Prefill", "Decode"), "decode": ("Decode",), "prefill": ("Prefill",)}  # --kill
+DRAIN = "drain-decode"  # --kill: a scale-down by one decode replica (it drains), back up halfway to the next
 
 
 # ---- the cluster and its processes --------------------------------------------------------------------
@@ -297,6 +300,8 @@ async def _disconnect(
 async def _killer(
     app_name: str, deadline: float, args: argparse.Namespace, stats: SoakStats, seed: int
 ) -> None:
+    if args.kill == DRAIN:
+        return await _drainer(app_name, deadline, args, stats)
     rng = random.Random(seed)
     every_s, prefixes = args.kill_every_s, KILLABLE[args.kill]
     while time.monotonic() + every_s < deadline:
@@ -308,6 +313,21 @@ async def _killer(
         os.kill(workers[name], signal.SIGKILL)
         stats.killed_pids.add(workers[name])
         stats.kills.append(f"{time.strftime('%H:%M:%S')} {name}")
+
+
+async def _drainer(app_name: str, deadline: float, args: argparse.Namespace, stats: SoakStats) -> None:
+    """Every ``--kill-every-s``: the decode pool scaled down by one (``cluster.app.scale_pool``: Serve stops
+    one replica gracefully; its streams finish within ``migration.drain_timeout_s``, the rest migrate), and
+    back up half a period later."""
+    from cluster.app import scale_pool
+
+    every_s, num = args.kill_every_s, args.decode_replicas
+    while time.monotonic() + every_s < deadline:
+        await asyncio.sleep(every_s / 2)
+        await asyncio.to_thread(scale_pool, app_name, "decode", num - 1)
+        stats.kills.append(f"{time.strftime('%H:%M:%S')} decode {num}->{num - 1} (drain)")
+        await asyncio.sleep(every_s / 2)
+        await asyncio.to_thread(scale_pool, app_name, "decode", num)
 
 
 async def _sampler(app_name: str, deadline: float, every_s: float, stats: SoakStats) -> None:
@@ -339,6 +359,9 @@ def soak_command(args: argparse.Namespace) -> int:
             "engine.kv_cache_bytes": 32 * MIB,
         }
     config = ClusterConfig().override(changes | _settings(args.set))
+    args.decode_replicas = config.decode.num_replicas
+    if args.kill == DRAIN and (config.decode.num_replicas < 2 or config.decode.is_autoscaling):
+        raise SystemExit(f"--kill {DRAIN}: needs a fixed decode pool of 2+ (--set decode.num_replicas=2)")
     cluster = start_cluster(config, args.ray_temp_dir, args.num_cpus)
     try:
         asyncio.run(many_streams(cluster.grpc_address, 8, 2))  # warm up
@@ -367,7 +390,8 @@ def _print_soak(config: Any, args: argparse.Namespace, stats: SoakStats, held: d
     print(
         f"soak: {args.minutes} min, {args.concurrency} clients, {config.engine.model} "
         f"({config.engine.dtype}), "
-        f"a replica SIGKILLed every {args.kill_every_s:.0f} s"
+        f"{'a decode replica drained' if args.kill == DRAIN else 'a replica SIGKILLed'} every "
+        f"{args.kill_every_s:.0f} s"
     )
     num_actions = sum(stats.actions.values())
     print(f"actions: {dict(stats.actions)}: {num_actions / args.minutes:.0f} requests/min")
@@ -421,7 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--minutes", type=float, default=30.0)
     run.add_argument("--concurrency", type=int, default=16)
     run.add_argument("--kill-every-s", type=float, default=180.0)
-    run.add_argument("--kill", choices=sorted(KILLABLE), default="any", help="which pools' replicas to kill")
+    run.add_argument(
+        "--kill", choices=[*sorted(KILLABLE), DRAIN], default="any",
+        help=f"which pools' replicas to SIGKILL; {DRAIN}: scale decode down by one instead (it drains)",
+    )
     run.add_argument("--sample-every-s", type=float, default=10.0)
     run.add_argument("--rss-csv", default="", help="write every RSS sample (seconds,process,rss_mib) here")
     run.add_argument("--tiny", action="store_true", help="the random tiny model instead of SmolLM2")

@@ -45,3 +45,14 @@ def test_the_built_deployments_carry_the_runtime_env() -> None:
         "DecodeDeployment": {"MALLOC_ARENA_MAX": "2"},
         "IngressDeployment": {"MALLOC_ARENA_MAX": "2"},
     }
+
+
+def test_fixed_pools_are_deployed_for_serve_external_scaling_autoscaled_ones_not() -> None:
+    from cluster.app import is_externally_scaled
+
+    config = config_from_dict(TINY)
+    assert is_externally_scaled(config)  # scale_pool may set the replica counts
+    assert not is_externally_scaled(config.override({"decode.min_replicas": 1, "decode.max_replicas": 2}))
+    # colocated: only the decode pool runs; a prefill section with bounds does not count
+    colocated = config.override({"mode": "colocated", "prefill.min_replicas": 1, "prefill.max_replicas": 2})
+    assert is_externally_scaled(colocated)

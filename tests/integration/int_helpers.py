@@ -53,13 +53,14 @@ def reliability_config() -> ClusterConfig:
     """The cluster test_int_reliability_admission and test_int_reliability_migration share (one deployment for
     both; the names sort them together): 1 prefill + 2 decode replicas of 128 KV blocks; an admission queue
     of 4 for 2 s; suspects forgotten after 3 s, so the SIGKILL case finds both decode replicas in use again
-    after the SIGSTOP case."""
+    after the SIGSTOP case; a 1 s drain for the scale-down case."""
     changes = {
         "engine.kv_cache_bytes": 8 * 2**20,  # 128 blocks of 16 tokens per replica
         "admission.max_queue": 4,
         "admission.max_queue_wait_s": 2.0,
         "migration.suspect_s": 3.0,
         "migration.heartbeat_timeout_s": 1.5,  # a hung replica found within 2 s (the default is 10 s)
+        "migration.drain_timeout_s": 1.0,  # the scale-down case: long streams outlive the drain and migrate
     }
     return cluster_config(1, 2, changes)
 
