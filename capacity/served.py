@@ -14,6 +14,10 @@ validation workloads themselves):
   contexts of 16 .. 1,536 tokens.
 * ``probe-c6``: six requests at a time, 64 x 32 tokens: decode steps at batches of about six, with
   the prefill replica working on the same two cores (how both replicas share them).
+* ``probe-idle``: 12 short prompts (16 and 48 tokens x 16) arriving at 0.5 req/s (Poisson), as sparse
+  as the validation workloads, so each mostly finds the cluster idle; those that queued under 20 ms
+  give the fixed costs as an idle cluster pays them (``_after_idle``): the prefill intercept, the KV
+  hand-off and the path rise by their median excess over the back-to-back fit.
 
 Fits are non-negative least squares in relative error (``capacity.calibrate.nonnegative_fit``):
 probe-c1's prefill time on (1, uncached tokens, attention pairs); each request's TPOT after its first
@@ -38,9 +42,12 @@ from capacity.calibrate import nonnegative_fit
 from capacity.costs import ServedCost
 
 PHASES = (
-    ("probe-c1", {"concurrency": 1, "lengths": "16x16,256x16,768x16,1536x16", "num_requests": 16}),
-    ("probe-c6", {"concurrency": 6, "lengths": "64x32", "num_requests": 18}),
+    ("probe-c1", {"arrival": "closed", "lengths": "16x16,256x16,768x16,1536x16", "num_requests": 16}),
+    ("probe-c6", {"arrival": "closed", "concurrency": 6, "lengths": "64x32", "num_requests": 18}),
+    # short prompts arriving as sparsely as the validation workloads: each mostly finds the cluster idle
+    ("probe-idle", {"arrival": "poisson", "rate": 0.5, "lengths": "16x16,48x16", "num_requests": 12}),
 )
+IDLE_QUEUE_MS = 20.0  # a probe-idle request that queued longer found the cluster busy: not fitted
 
 
 def run_phases(address: str, out_dir: Path) -> dict[str, list]:
@@ -53,12 +60,13 @@ def run_phases(address: str, out_dir: Path) -> dict[str, list]:
     records = {}
     for name, phase in PHASES:
         config = BenchConfig(
-            arrival="closed",
-            concurrency=phase["concurrency"],
+            arrival=phase["arrival"],
+            rate=phase.get("rate", 1.0),
+            concurrency=phase.get("concurrency", 1),
             lengths=parse_length_mix(phase["lengths"]),
             num_requests=phase["num_requests"],
             max_context=2048,
-            warmup_requests=1,
+            warmup_requests=0 if phase["arrival"] == "poisson" else 1,
             seed=7,  # prompts unlike any validation request's (no shared prefix with them)
         )
         documents = run_suite(
@@ -149,6 +157,9 @@ def fit_served(records: dict[str, list], kv_bytes_per_token: int, source: str) -
     ]
     h0, h_token = np.polyfit([n for n, _ in handoff], [h for _, h in handoff], 1)[::-1]
     path = float(np.median([r.message_times_s[0] - r.send_s - r.timings["prefill_ms"] / 1e3 for r in single]))
+    idle = [r for r in records.get("probe-idle", ()) if r.timings.get("queue_ms", 0.0) < IDLE_QUEUE_MS]
+    if len(idle) >= 4:
+        prefill, h0, path = _after_idle(idle, prefill, float(h0), float(h_token))
     return ServedCost(
         kv_bytes_per_token,
         *prefill,
@@ -161,6 +172,26 @@ def fit_served(records: dict[str, list], kv_bytes_per_token: int, source: str) -
         source,
         tuple(round(float(x), 4) for x in (*prefill_noise, *decode_noise)),
     )
+
+
+def _after_idle(
+    idle: Sequence, prefill: Sequence[float], h0: float, h_token: float
+) -> tuple[list[float], float, float]:
+    """The fixed costs as a request that finds the cluster idle pays them (``probe-idle``): back-to-back
+    probes run warm, and a request after an idle second pays more for its prefill, its KV hand-off and
+    its path (a 16-token prefill: 37-39 ms back to back, 50-80 ms after idle seconds). The per-token
+    slopes stay probe-c1's; each intercept rises by the median excess of the idle requests, if any."""
+    rows, seconds = _prefill_rows(idle)
+    excess = float(np.median(seconds - rows @ np.array(prefill)))
+    fitted = [prefill[0] + max(0.0, excess), *prefill[1:]]
+    gaps = [
+        (t[1] - t[0]) - float(np.mean(np.diff(t[1:]))) - (h0 + h_token * r.num_prompt_tokens)
+        for r in idle
+        if len(t := r.message_times_s) >= 3
+    ]
+    handoff = h0 + max(0.0, float(np.median(gaps))) if gaps else h0
+    path = float(np.median([r.message_times_s[0] - r.send_s - r.timings["prefill_ms"] / 1e3 for r in idle]))
+    return fitted, handoff, path
 
 
 def calibrate_served(address: str, out_dir: Path, kv_bytes_per_token: int) -> tuple[ServedCost, str]:

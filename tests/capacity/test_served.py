@@ -87,6 +87,31 @@ def test_fit_served_recovers_the_costs_that_made_the_timings() -> None:
     assert max(cost.noise) == pytest.approx(1.0, abs=1e-4) and min(cost.noise) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_requests_after_idle_raise_the_fixed_costs_not_the_slopes() -> None:
+    """probe-idle requests that pay 20 ms more prefill, 10 ms more hand-off and a 40 ms path: the
+    intercepts take exactly that, the per-token slopes stay probe-c1's; one that queued is ignored."""
+    records, now = _probe_records(), 100.0
+    h0, h1 = TRUE["handoff"]
+    idle = []
+    for i, prompt in enumerate([16, 48, 16, 48, 16, 48]):
+        prefill = _prefill_s(prompt) + 0.020
+        later = [_decode_gap(1, prompt + k + 1) for k in range(1, 9)]
+        first_gap = h0 + 0.010 + h1 * prompt + sum(later) / len(later)
+        record = _record(30 + i, prompt, now, now + 0.040 + prefill, [first_gap, *later], prefill)
+        record.timings["queue_ms"] = 5.0
+        idle.append(record)
+        now = record.end_s + 2.0
+    busy = _record(40, 16, now, now + 1.0, [0.5, 0.5, 0.5], 0.9)
+    busy.timings["queue_ms"] = 400.0  # found the cluster busy: not an idle request
+    records["probe-idle"] = [*idle, busy]
+    cost = fit_served(records, 1000, "test")
+    assert cost.prefill_s == pytest.approx(TRUE["prefill"][0] + 0.020, rel=1e-6)
+    assert (cost.per_prefill_token_s, cost.per_prefill_pair_s) == pytest.approx(TRUE["prefill"][1:], rel=1e-6)
+    assert cost.transfer_overhead_s == pytest.approx(h0 + 0.010, rel=1e-6)
+    assert cost.per_transfer_token_s == pytest.approx(h1, rel=1e-6)
+    assert cost.path_s == pytest.approx(0.040, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "cost",
     [
