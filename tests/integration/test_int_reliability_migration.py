@@ -105,6 +105,25 @@ def _run_undisturbed(requests: list[pb.GenerateRequest]) -> list[tuple[list[int]
     return [results[r.request_id] for r in requests]
 
 
+async def _read(
+    stub: pdserve_pb2_grpc.PDServeStub, request: pb.GenerateRequest, result: _Stream, started: asyncio.Event
+) -> None:
+    """Read one stream into ``result``; ``started`` is set once it has 2 tokens (or has ended)."""
+    try:
+        async for response in stub.Generate(request, timeout=60):
+            result.token_ids.extend(response.token_ids)
+            result.text += response.text
+            result.last = response
+            if response.token_ids:
+                result.arrivals.append(time.time())
+            if len(result.token_ids) >= 2:
+                started.set()
+    except grpc.aio.AioRpcError as error:
+        result.code, result.details = error.code(), error.details() or ""
+    finally:
+        started.set()
+
+
 async def _run(
     address: str, requests: list[pb.GenerateRequest], cluster, sig: int
 ) -> tuple[list[_Stream], str, int, float]:
@@ -113,25 +132,12 @@ async def _run(
     results = [_Stream() for _ in requests]
     started = [asyncio.Event() for _ in requests]
 
-    async def one(index: int, stub: pdserve_pb2_grpc.PDServeStub) -> None:
-        result = results[index]
-        try:
-            async for response in stub.Generate(requests[index], timeout=60):
-                result.token_ids.extend(response.token_ids)
-                result.text += response.text
-                result.last = response
-                if response.token_ids:
-                    result.arrivals.append(time.time())
-                if len(result.token_ids) >= 2:
-                    started[index].set()
-        except grpc.aio.AioRpcError as error:
-            result.code, result.details = error.code(), error.details() or ""
-        finally:
-            started[index].set()
-
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pdserve_pb2_grpc.PDServeStub(channel)
-        tasks = [asyncio.create_task(one(i, stub)) for i in range(len(requests))]
+        tasks = [
+            asyncio.create_task(_read(stub, r, result, e))
+            for r, result, e in zip(requests, results, started, strict=True)
+        ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=30)
         victim, pid = await asyncio.to_thread(_busiest_decode_replica, cluster)
         signalled_at = time.time()
@@ -214,7 +220,10 @@ def test_every_replica_process_has_the_pool_env_vars(pd_cluster) -> None:
         if replica["state"] == "RUNNING"
     }
     assert sorted(name for name, _ in pids) == [
-        "DecodeDeployment", "DecodeDeployment", "IngressDeployment", "PrefillDeployment"
+        "DecodeDeployment",
+        "DecodeDeployment",
+        "IngressDeployment",
+        "PrefillDeployment",
     ]
     for replica, pid in pids.items():
         assert _environ(pid).get("MALLOC_ARENA_MAX") == "2", replica
@@ -252,7 +261,9 @@ def test_scaled_down_decode_replica_drains_and_its_long_streams_migrate(pd_clust
     waited_s = time.perf_counter() - began
     requests = [
         pb.GenerateRequest(
-            request_id=f"d{index}", token_ids=pb.TokenIds(ids=prompt), ignore_eos=True,
+            request_id=f"d{index}",
+            token_ids=pb.TokenIds(ids=prompt),
+            ignore_eos=True,
             max_tokens=DRAIN_LONG if index < NUM_LONG else DRAIN_SHORT,
         )
         for index, prompt in enumerate(p[:40] for p in make_prompts(NUM_LONG + NUM_SHORT, seed=47))
@@ -268,10 +279,12 @@ def test_scaled_down_decode_replica_drains_and_its_long_streams_migrate(pd_clust
         assert result.last is not None and result.last.usage.completion_tokens == request.max_tokens
     moved = _check_drain_migrations(cluster, requests, results, sent_at_scale, scaled_at, victim)
     in_place = sum(r.last.route.decode_replica == victim for r in results)
-    print(f"scale-down: {moved} streams migrated off the drained replica after the "
-          f"{cluster.config.migration.drain_timeout_s:g} s drain, {in_place} finished on it; waited "
-          f"{waited_s:.1f} s for 2 replicas, reference {reference_s:.1f} s, streams "
-          f"{time.perf_counter() - began - waited_s - reference_s:.1f} s")
+    print(
+        f"scale-down: {moved} streams migrated off the drained replica after the "
+        f"{cluster.config.migration.drain_timeout_s:g} s drain, {in_place} finished on it; waited "
+        f"{waited_s:.1f} s for 2 replicas, reference {reference_s:.1f} s, streams "
+        f"{time.perf_counter() - began - waited_s - reference_s:.1f} s"
+    )
     _, held = wait_until_no_blocks_held(cluster.grpc_address, within_s=5.0)
     assert all(count == 0 for count in held.values()) and not any(victim in name for name in held), held
 
@@ -284,8 +297,11 @@ def _check_drain_migrations(cluster, requests, results, sent_at_scale, scaled_at
     for event in _migration_events(cluster):
         if event["from_replica"] == victim and event["detected"] >= scaled_at:
             events.setdefault(event["request_id"].partition("#")[0], []).append(event)
-    moved = [r.request_id for r, res in zip(requests, results, strict=True)
-             if f"migrated_from={victim}" in res.last.route.reason]
+    moved = [
+        r.request_id
+        for r, res in zip(requests, results, strict=True)
+        if f"migrated_from={victim}" in res.last.route.reason
+    ]
     assert moved, "no stream outlived the drain on the removed replica"
     assert sorted(events) == sorted(moved), (events, moved)
     for index, request in enumerate(requests):
@@ -305,23 +321,12 @@ async def _run_scale_down(cluster, requests) -> tuple[list[_Stream], list[int], 
     results = [_Stream() for _ in requests]
     started = [asyncio.Event() for _ in requests]
 
-    async def one(index: int, stub: pdserve_pb2_grpc.PDServeStub) -> None:
-        result = results[index]
-        try:
-            async for response in stub.Generate(requests[index], timeout=60):
-                result.token_ids.extend(response.token_ids)
-                result.text += response.text
-                result.last = response
-                if len(result.token_ids) >= 2:
-                    started[index].set()
-        except grpc.aio.AioRpcError as error:
-            result.code, result.details = error.code(), error.details() or ""
-        finally:
-            started[index].set()
-
     async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
         stub = pdserve_pb2_grpc.PDServeStub(channel)
-        tasks = [asyncio.create_task(one(i, stub)) for i in range(len(requests))]
+        tasks = [
+            asyncio.create_task(_read(stub, r, result, e))
+            for r, result, e in zip(requests, results, started, strict=True)
+        ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=30)
         before = set(_decode_replica_states(cluster))
         sent_at_scale, scaled_at = [len(r.token_ids) for r in results], time.time()
