@@ -129,6 +129,12 @@ def _prefill_rows(records: Sequence) -> tuple[np.ndarray, np.ndarray]:
     return np.array(rows), np.array(seconds)
 
 
+def _median_path(records: Sequence) -> float:
+    """The per-request path outside the engines: client TTFT minus the prefill replica's time, median."""
+    paths = [r.message_times_s[0] - r.send_s - r.timings["prefill_ms"] / 1e3 for r in records]
+    return float(np.median(paths))
+
+
 def _slowdown(observed: np.ndarray, predicted: np.ndarray) -> float:
     return max(0.0, float(np.median(observed / predicted)) - 1.0) if len(observed) else 0.0
 
@@ -156,7 +162,7 @@ def fit_served(records: dict[str, list], kv_bytes_per_token: int, source: str) -
         if len(t := r.message_times_s) >= 3
     ]
     h0, h_token = np.polyfit([n for n, _ in handoff], [h for _, h in handoff], 1)[::-1]
-    path = float(np.median([r.message_times_s[0] - r.send_s - r.timings["prefill_ms"] / 1e3 for r in single]))
+    path = _median_path(single)
     idle = [r for r in records.get("probe-idle", ()) if r.timings.get("queue_ms", 0.0) < IDLE_QUEUE_MS]
     if len(idle) >= 4:
         prefill, h0, path = _after_idle(idle, prefill, float(h0), float(h_token))
@@ -190,7 +196,7 @@ def _after_idle(
         if len(t := r.message_times_s) >= 3
     ]
     handoff = h0 + max(0.0, float(np.median(gaps))) if gaps else h0
-    path = float(np.median([r.message_times_s[0] - r.send_s - r.timings["prefill_ms"] / 1e3 for r in idle]))
+    path = _median_path(idle)
     return fitted, handoff, path
 
 
