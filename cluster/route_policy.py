@@ -96,4 +96,5 @@ def _load_report(view: ReplicaView) -> LoadReport | None:
         reported_at=load.reported_at,
         prefix_summary=None if load.prefix_summary is None else PrefixSummary(*load.prefix_summary),
         computed_prompt_tokens=max(0, load.prompt_tokens - load.cached_tokens),  # new_prefix_work_factor
+        requests_received=load.requests_received,
     )

@@ -72,6 +72,9 @@ class ReplicaLoad:
     # worker_common.prefix_summary, read by the router's cache_aware policy; capped by
     # router.summary_max_keys, 8 bytes a key
     prefix_summary: PrefixSummary | None = None
+    # requests the engine has taken in since start, in the same snapshot as its queue: the router keeps
+    # its local charge for a request until a report has counted it (router/load.py ``update``)
+    requests_received: int = 0
 
     @classmethod
     def from_engine(cls, replica_id: str, stats: EngineStats, **worker_counts: int) -> ReplicaLoad:
@@ -93,6 +96,7 @@ class ReplicaLoad:
             reported_at=time.time(),
             evictions=tuple(sorted((victim, causing, int(n))
                                    for (victim, causing), n in stats.evictions.items())),
+            requests_received=int(stats.num_requests_added),
             **worker_counts,
         )
 

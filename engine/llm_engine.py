@@ -107,6 +107,9 @@ class LLMEngine:
         self._allocated: dict[str, list[int]] = {}  # decode side: blocks reserved for a pull
         self._finished_outputs: list[RequestOutput] = []  # finished outside a step (e.g. abort)
         self._totals = {"prompt": 0, "cached": 0, "generated": 0}
+        # requests taken in (add_request, allocate_blocks) since start: the router's acknowledgement
+        # of its local charges (router/load.py); same snapshot as the queue it explains
+        self._num_requests_added = 0
 
     # -- construction helpers -----------------------------------------------------------------------
     def _make_backend(self) -> TorchAttention:
@@ -155,6 +158,7 @@ class LLMEngine:
         _resume(seq, output_token_ids)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
+        self._num_requests_added += 1
 
     def _new_sequence(
         self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams, tenant: str
@@ -212,6 +216,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} already holds blocks")
         block_ids = self.pool.allocate(self.scheduler.blocks_for(num_tokens), tenant)
         self._allocated[request_id] = block_ids
+        self._num_requests_added += 1
         return list(block_ids)
 
     def free_allocated(self, request_id: str) -> None:
@@ -364,4 +369,5 @@ class LLMEngine:
             num_generated_tokens=self._totals["generated"],
             num_preemptions=self.scheduler.num_preemptions,
             evictions=dict(pool.evictions),
+            num_requests_added=self._num_requests_added,
         )

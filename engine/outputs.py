@@ -57,6 +57,7 @@ class EngineStats:
     num_generated_tokens: int
     num_preemptions: int
     evictions: dict[tuple[str, str], int] = field(default_factory=dict)  # (victim, causing tenant) -> blocks
+    num_requests_added: int = 0  # requests taken in since start (queued, or blocks allocated for a pull)
 
     @property
     def kv_usage(self) -> float:

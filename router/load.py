@@ -8,6 +8,7 @@ same reports in the same order hold the same state.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -34,6 +35,10 @@ class LoadReport:
         computed_prompt_tokens: prompt tokens the worker has computed since it started (its prompt
             tokens minus those served from its cache): with ``queued_prefill_tokens``, the work it
             has taken on, which the cache_aware policy keeps even across workers for new prefixes.
+        requests_received: requests the worker has taken in since it started, counted in the same
+            snapshot as its queue; None when it does not say (replays, the simulator: their reports
+            are taken after every request sent has arrived). With it the router keeps a request's
+            local charge until a report has counted the request (see ``LoadTable.update``).
     """
 
     worker_id: str
@@ -44,6 +49,7 @@ class LoadReport:
     reported_at: float
     prefix_summary: PrefixSummary | None = None
     computed_prompt_tokens: int = 0
+    requests_received: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker_id, str) or not self.worker_id:
@@ -52,6 +58,8 @@ class LoadReport:
         for name in (*names, "computed_prompt_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.requests_received is not None and self.requests_received < 0:
+            raise ValueError(f"requests_received must be >= 0, got {self.requests_received}")
         if self.free_kv_blocks > self.total_kv_blocks:
             raise ValueError(
                 f"free_kv_blocks ({self.free_kv_blocks}) exceeds total_kv_blocks ({self.total_kv_blocks})"
@@ -65,17 +73,27 @@ class LoadTable:
 
     Between two reports from a worker the router adds what it has itself sent there
     (:meth:`debit`), so a burst of decisions does not all land on one worker that looked idle in its
-    last report; the worker's next report replaces the estimate. Workers without a report count as
-    idle (0 queued tokens, cool) for prefill; see ``free_kv_blocks`` for decode.
+    last report. A report replaces the part of that estimate it has seen: all of it when the report
+    does not count the requests it has received, else (see :meth:`update`) the oldest charges, one per
+    request received since the previous report. Workers without a report count as idle (0 queued
+    tokens, cool) for prefill; see ``free_kv_blocks`` for decode.
     """
+
+    # A charge no report has counted is dropped by the this-many-th report from its worker after it
+    # (the request never arrived: failed on its way, or cancelled before it was sent)
+    CHARGE_LIFETIME_REPORTS = 3
 
     def __init__(self, config: RouterConfig, worker_ids: Iterable[str] = ()):
         self._config = config
         self._members: tuple[str, ...] = ()
         self._member_set: frozenset[str] = frozenset()
         self._reports: dict[str, LoadReport] = {}
-        # Sent since the worker's last report: [queued prefill tokens, running requests, kv blocks].
+        # Sent and not yet counted by a report: [queued prefill tokens, running requests, kv blocks],
+        # the sum of the charges in ``_charges`` (each: (reports applied when charged, tokens, requests,
+        # blocks), oldest first)
         self._pending: dict[str, list[int]] = {}
+        self._charges: dict[str, deque[tuple[int, int, int, int]]] = {}
+        self._num_reports: dict[str, int] = {}
         self._hot: set[str] = set()
         # Prefix summaries: the generation last read, and the set the router matches against (the
         # summary plus the probe keys the router has itself sent there since; see ``note_sent``).
@@ -100,6 +118,8 @@ class LoadTable:
         self._member_set = frozenset(members)
         self._reports = {w: r for w, r in self._reports.items() if w in keep}
         self._pending = {w: p for w, p in self._pending.items() if w in keep}
+        self._charges = {w: c for w, c in self._charges.items() if w in keep}
+        self._num_reports = {w: n for w, n in self._num_reports.items() if w in keep}
         self._hot &= keep
         self._summary_generations = {w: g for w, g in self._summary_generations.items() if w in keep}
         self.held = {w: self.held.get(w, set()) for w in members}
@@ -113,7 +133,8 @@ class LoadTable:
         self.total_work = sum(self.work.values())
 
     def update(self, report: LoadReport) -> bool:
-        """Store a report (dropping the local estimate) and update that worker's hot/cool state.
+        """Store a report (dropping the charges it has seen: ``_acknowledge``) and update that worker's
+        hot/cool state.
 
         Returns False (and changes nothing) when the worker is not a member or the report is not
         newer than the one held: feeding the same report again is a no-op, so a caller may re-send
@@ -127,10 +148,12 @@ class LoadTable:
             return False
         self._total_queued -= self.queued_tokens(worker_id)
         self._reports[worker_id] = report
-        self._pending.pop(worker_id, None)
-        self.queued[worker_id] = report.queued_prefill_tokens
-        self._total_queued += report.queued_prefill_tokens
-        work = report.computed_prompt_tokens + report.queued_prefill_tokens
+        num_reports = self._num_reports[worker_id] = self._num_reports.get(worker_id, 0) + 1
+        still = self._acknowledge(worker_id, previous, report, num_reports)
+        queued = report.queued_prefill_tokens + still
+        self.queued[worker_id] = queued
+        self._total_queued += queued
+        work = report.computed_prompt_tokens + queued
         self.total_work += work - self.work[worker_id]
         self.work[worker_id] = work
         self._update_state(worker_id)
@@ -138,6 +161,43 @@ class LoadTable:
         if summary is not None and summary.generation != self._summary_generations.get(worker_id):
             self._read_summary(worker_id, summary)
         return True
+
+    def _acknowledge(
+        self, worker_id: str, previous: LoadReport | None, report: LoadReport, num_reports: int
+    ) -> int:
+        """Drop the charges ``report`` has seen; returns the queued tokens of those left.
+
+        A report that counts the requests it has received (``requests_received``) has seen, of this
+        table's charges, at most as many as arrived since the previous report (0 before the first):
+        the oldest that many go, since requests arrive in the order they were sent. The others stay,
+        so a report taken while a request was on its way does not make its worker look idle. With
+        several ingress replicas the count includes the others' requests, so more go than arrived from
+        here: at worst the estimate of a report that counts nothing. A charge older than
+        ``CHARGE_LIFETIME_REPORTS`` reports goes too. A report without the count (or from a restarted
+        worker: a count that went down) replaces every charge.
+        """
+        charges = self._charges.get(worker_id)
+        if not charges:
+            return 0
+        received = report.requests_received
+        before = 0 if previous is None else previous.requests_received
+        if received is None or before is None or received < before:
+            charges.clear()
+            del self._pending[worker_id]
+            return 0
+        pending = self._pending[worker_id]
+        acknowledged = received - before
+        oldest = num_reports - self.CHARGE_LIFETIME_REPORTS
+        while charges and (acknowledged > 0 or charges[0][0] <= oldest):
+            _, tokens, requests, blocks = charges.popleft()
+            pending[0] -= tokens
+            pending[1] -= requests
+            pending[2] -= blocks
+            acknowledged -= 1
+        if not charges:
+            del self._pending[worker_id]
+            return 0
+        return pending[0]
 
     def _read_summary(self, worker_id: str, summary: PrefixSummary) -> None:
         """``held[worker_id]`` := the summary's keys (the keys sent since the last one dropped): by its
@@ -172,8 +232,12 @@ class LoadTable:
         pending = self._pending.get(worker_id)
         if pending is None:
             pending = self._pending[worker_id] = [0, 0, 0]
+            self._charges[worker_id] = charges = deque()
+        else:
+            charges = self._charges[worker_id]
         pending[0] += queued_tokens
         pending[1] += 1
+        charges.append((self._num_reports.get(worker_id, 0), queued_tokens, 1, 0))
         self._total_queued += queued_tokens
         self.queued[worker_id] += queued_tokens
         self.total_work += queued_tokens
@@ -191,9 +255,11 @@ class LoadTable:
         pending = self._pending.get(worker_id)
         if pending is None:
             self._pending[worker_id] = [0, 1, kv_blocks]
+            self._charges[worker_id] = deque([(self._num_reports.get(worker_id, 0), 0, 1, kv_blocks)])
         else:
             pending[1] += 1
             pending[2] += kv_blocks
+            self._charges[worker_id].append((self._num_reports.get(worker_id, 0), 0, 1, kv_blocks))
 
     def summary_size(self, worker_id: str) -> int:
         """Keys in the worker's last reported summary (0 if none)."""
@@ -209,6 +275,8 @@ class LoadTable:
         pending[0] += queued_tokens
         pending[1] += running_requests
         pending[2] += kv_blocks
+        charge = (self._num_reports.get(worker_id, 0), queued_tokens, running_requests, kv_blocks)
+        self._charges.setdefault(worker_id, deque()).append(charge)
         self._total_queued += queued_tokens
         self.queued[worker_id] += queued_tokens
         self.total_work += queued_tokens

@@ -206,13 +206,20 @@ def _report_rounds(
     return rounds
 
 
-def _send_reports(router: Router, step: int, report_round: ReportRound) -> None:
+def _send_reports(router: Router, step: int, report_round: ReportRound, report_every: int = 64) -> None:
     """Every worker's report (built here, as the ingress builds a ``LoadReport`` from a replica's
-    ``ReplicaLoad``); the router re-reads a summary whole when its generation is new."""
+    ``ReplicaLoad``); the router re-reads a summary whole when its generation is new. Each counts
+    ``report_every`` more requests received than the round before (at least every request sent since),
+    so the router drops its charges one by one, as in the live cluster."""
+    received = (step + 1) * report_every  # the warm-up round is step -1
     for j, (worker_id, summary) in enumerate(report_round):
-        router.update_load(LoadReport(worker_id, (j * 997) % 6000, j % 4, 1000, 1000, float(step), summary))
+        router.update_load(LoadReport(
+            worker_id, (j * 997) % 6000, j % 4, 1000, 1000, float(step), summary, requests_received=received
+        ))
     for j, worker_id in enumerate(router.decode_ids):
-        router.update_load(LoadReport(worker_id, 0, j, 500 + j, 1000, float(step)))
+        router.update_load(
+            LoadReport(worker_id, 0, j, 500 + j, 1000, float(step), requests_received=received)
+        )
 
 
 def _warm_summaries(
@@ -238,7 +245,7 @@ def _run_cache_aware(
     """One timed pass of the cache_aware bench (see ``run_cache_aware_bench``)."""
     for i, tokens in enumerate(prompts):
         if i % report_every == 0:
-            _send_reports(router, i // report_every, rounds[i // report_every])
+            _send_reports(router, i // report_every, rounds[i // report_every], report_every)
         if with_decode:
             router.route(tokens, expected_num_blocks=300)
         else:

@@ -24,6 +24,7 @@ STATS = EngineStats(
     num_cached_tokens=250,
     num_generated_tokens=77,
     num_preemptions=1,
+    num_requests_added=9,
 )
 
 
@@ -49,4 +50,5 @@ def test_the_router_gets_allocatable_blocks_as_its_headroom() -> None:
     assert report.free_kv_blocks == 70 and report.total_kv_blocks == 100
     assert report.queued_prefill_tokens == 400 and report.running_requests == 5
     assert report.reported_at == load.reported_at
+    assert load.requests_received == report.requests_received == 9  # the charges it has seen
     assert _load_report(ReplicaView("r2", None)) is None  # before the replica's first report

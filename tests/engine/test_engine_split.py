@@ -69,6 +69,23 @@ def test_abort_is_idempotent_and_frees_everything() -> None:
     assert_pool_empty(engine)
 
 
+def test_stats_count_every_request_taken_in_and_no_rejected_one() -> None:
+    """``num_requests_added``: what a load report tells the router it has received (router/load.py)."""
+    engine = make_engine(build_model("llama"))
+    prompt = make_prompts([20], seed=4)[0]
+    assert engine.stats().num_requests_added == 0
+    engine.add_request("a", prompt, greedy(2))
+    engine.allocate_blocks("pull", 40)
+    with pytest.raises(ValueError):
+        engine.add_request("a", prompt, greedy(2))  # a duplicate id is refused, not counted
+    with pytest.raises(ValueError):
+        engine.add_request("empty", [], greedy(2))
+    assert engine.stats().num_requests_added == 2
+    engine.free_allocated("pull")
+    run_to_completion(engine)
+    assert engine.stats().num_requests_added == 2
+
+
 def test_failed_pull_frees_allocated_blocks() -> None:
     engine = make_engine(build_model("llama"))
     before = engine.stats().num_blocks_allocatable

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from router.config import RouterConfig
@@ -105,6 +107,97 @@ def test_debit_adds_until_the_next_report() -> None:
     assert table.free_kv_blocks("b") is None
     with pytest.raises(KeyError):
         table.debit("nope", queued_tokens=1)
+
+
+def counted(worker_id: str, queued: int, at: float, received: int, free: int = 100) -> LoadReport:
+    return LoadReport(worker_id, queued, 0, free, 100, at, requests_received=received)
+
+
+def test_a_report_taken_before_a_charged_request_arrived_keeps_its_charge() -> None:
+    table = LoadTable(absolute_config(), ["a", "b"])
+    table.update(counted("a", 0, 1.0, received=4))
+    table.debit("a", queued_tokens=1200, running_requests=1, kv_blocks=10)
+    assert table.is_hot("a")
+    table.update(counted("a", 0, 2.0, received=4, free=100))  # taken while the request was on its way
+    assert table.queued_tokens("a") == 1200 and table.free_kv_blocks("a") == 90 and table.is_hot("a")
+    table.update(counted("a", 300, 3.0, received=5, free=90))  # it has arrived: the report counts it
+    assert table.queued_tokens("a") == 300 and table.free_kv_blocks("a") == 90 and not table.is_hot("a")
+    assert table.running_requests("a") == 0 and table.mean_queued_tokens() == 150
+
+
+def test_a_report_drops_the_oldest_charges_one_per_request_received() -> None:
+    table = LoadTable(absolute_config(), ["a"])
+    table.update(counted("a", 0, 1.0, received=0))
+    for tokens in (100, 200, 400):
+        table.debit("a", queued_tokens=tokens, running_requests=1, kv_blocks=1)
+    table.update(counted("a", 50, 2.0, received=2))
+    assert table.queued_tokens("a") == 450 and table.running_requests("a") == 1
+    assert table.free_kv_blocks("a") == 99
+    table.update(counted("a", 0, 3.0, received=9))  # more than were charged here (other ingresses)
+    assert table.queued_tokens("a") == 0 and table.free_kv_blocks("a") == 100
+
+
+def test_an_unacknowledged_charge_lives_a_bounded_number_of_reports() -> None:
+    table = LoadTable(absolute_config(), ["a"])
+    table.update(counted("a", 0, 0.0, received=3))
+    table.debit("a", queued_tokens=700)  # never arrives
+    lifetime = LoadTable.CHARGE_LIFETIME_REPORTS
+    for step in range(1, lifetime):
+        table.update(counted("a", 0, float(step), received=3))
+        assert table.queued_tokens("a") == 700, step
+    table.update(counted("a", 0, float(lifetime), received=3))
+    assert table.queued_tokens("a") == 0
+
+
+def test_a_report_without_a_count_or_with_a_count_that_went_down_replaces_every_charge() -> None:
+    table = LoadTable(absolute_config(), ["a"])
+    table.update(counted("a", 0, 1.0, received=8))
+    table.debit("a", queued_tokens=700)
+    table.update(counted("a", 10, 2.0, received=2))  # the worker restarted
+    assert table.queued_tokens("a") == 10
+    table.debit("a", queued_tokens=700)
+    table.update(report("a", 20, 3.0))
+    assert table.queued_tokens("a") == 20
+
+
+def test_counted_reports_and_charges_match_an_independent_model() -> None:
+    """Random charges and counted reports (some lagging behind the requests sent) against a plain
+    list of outstanding charges; the pool totals must stay the sums over workers."""
+    rng = random.Random(7)
+    members = ["a", "b", "c"]
+    table = LoadTable(RouterConfig(), members)
+    # per worker: (report no. when charged, tokens, blocks)
+    outstanding: dict[str, list[tuple[int, int, int]]] = {w: [] for w in members}
+    sent = {w: 0 for w in members}
+    received = {w: 0 for w in members}
+    reported = {w: (0, 100) for w in members}  # (queued, free) of the last report
+    reports = {w: 0 for w in members}
+    lifetime = LoadTable.CHARGE_LIFETIME_REPORTS
+    for step in range(3000):
+        worker = rng.choice(members)
+        if rng.random() < 0.6:
+            tokens, blocks = rng.randrange(0, 900), rng.randrange(0, 4)
+            table.debit(worker, queued_tokens=tokens, running_requests=1, kv_blocks=blocks)
+            outstanding[worker].append((reports[worker], tokens, blocks))
+            sent[worker] += 1
+        else:
+            received[worker] = rng.randint(received[worker], max(received[worker], sent[worker]))
+            queued, free = rng.randrange(0, 3000), rng.randrange(0, 101)
+            acknowledged = received[worker] - (reported[worker][2] if len(reported[worker]) > 2 else 0)
+            table.update(counted(worker, queued, float(step), received[worker], free))
+            reports[worker] += 1
+            left = outstanding[worker][acknowledged:]
+            outstanding[worker] = [c for c in left if c[0] > reports[worker] - lifetime]
+            reported[worker] = (queued, free, received[worker])
+        for w in members:
+            queued_w = (reported[w][0] if reports[w] else 0) + sum(c[1] for c in outstanding[w])
+            assert table.queued_tokens(w) == queued_w, (step, w)
+            if reports[w]:
+                assert table.free_kv_blocks(w) == reported[w][1] - sum(c[2] for c in outstanding[w])
+            assert table.running_requests(w) == len(outstanding[w])
+        expected_mean = sum(table.queued_tokens(w) for w in members) / len(members)
+        assert table.mean_queued_tokens() == pytest.approx(expected_mean)
+        assert table.total_work == sum(table.work.values())
 
 
 def test_set_workers_keeps_reports_of_workers_that_stay() -> None:
