@@ -114,7 +114,9 @@ def print_summary(summary: dict, cost_line: str, wall_s: float, sim_s: float, ec
     "--unit-tokens", type=int, default=512, show_default=True, help="Tokens per prefix unit (x length scale)."
 )
 @click.option("--max-context", type=int, default=8192, show_default=True)
-@click.option("--num-requests", type=int, default=None)
+@click.option(
+    "--num-requests", type=int, default=None, help="Requests; --validate: per workload (30)."
+)
 @click.option("--concurrency", type=int, default=None, help="Closed loop with this many requests in flight.")
 @click.option("--policy", default="cache_aware", show_default=True, help="Router policy.")
 @click.option("--autoscale", is_flag=True, help="Scale both pools with cluster.autoscaling's policies.")

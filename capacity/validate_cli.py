@@ -12,13 +12,19 @@ from capacity.cli import write_json
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def default_cases() -> list:
-    """Azure conv and Mooncake conversation scaled to this machine: about 0.5 request/s, short prompts."""
+VALIDATION_REQUESTS = 30  # per workload, unless --num-requests says otherwise
+
+
+def default_cases(num_requests: int = VALIDATION_REQUESTS) -> list:
+    """Azure conv and Mooncake conversation scaled to this machine: about 0.5 request/s, short prompts;
+    the first ``num_requests`` of each (more: a p99 less decided by one request, a longer run)."""
     from capacity.validate import Case
 
+    azure = str(SHARED_DATA / "azure" / "AzureLLMInferenceTrace_conv.csv")
+    mooncake = str(SHARED_DATA / "mooncake" / "conversation_trace.jsonl")
     return [
-        Case("azure-conv", str(SHARED_DATA / "azure" / "AzureLLMInferenceTrace_conv.csv"), 0.1, 2.5, 30),
-        Case("mooncake", str(SHARED_DATA / "mooncake" / "conversation_trace.jsonl"), 0.02, 8.0, 30),
+        Case("azure-conv", azure, 0.1, 2.5, num_requests),
+        Case("mooncake", mooncake, 0.02, 8.0, num_requests),
     ]
 
 
@@ -53,7 +59,11 @@ def run_checks(o: dict, spec, node, cost, out_dir: Path) -> None:
 
         given = cost if o["calibration"] else None  # without one: fitted on the cluster itself first
         cost, reals, notes = validate(
-            default_cases(), o["cluster_config"], out_dir, given, spec.kv_bytes_per_token
+            default_cases(o["num_requests"] or VALIDATION_REQUESTS),
+            o["cluster_config"],
+            out_dir,
+            given,
+            spec.kv_bytes_per_token,
         )
         if not o["calibration"]:
             cost.save(out_dir / "served-calibration.json")
