@@ -172,8 +172,8 @@ class LoadTable:
         the oldest that many go, since requests arrive in the order they were sent. The others stay,
         so a report taken while a request was on its way does not make its worker look idle. With
         several ingress replicas the count includes the others' requests, so more go than arrived from
-        here: at worst the estimate of a report that counts nothing. A charge older than
-        ``CHARGE_LIFETIME_REPORTS`` reports goes too. A report without the count (or from a restarted
+        here: at worst the estimate of a report that counts nothing. A charge goes too with the
+        ``CHARGE_LIFETIME_REPORTS``-th report after it. A report without the count (or from a restarted
         worker: a count that went down) replaces every charge.
         """
         charges = self._charges.get(worker_id)
@@ -253,13 +253,14 @@ class LoadTable:
         """``debit(worker_id, running_requests=1, kv_blocks=kv_blocks)`` (no queued tokens, so no
         hot/cool change), written out (once per decode choice); ``worker_id`` must be a member."""
         pending = self._pending.get(worker_id)
+        charge = (self._num_reports.get(worker_id, 0), 0, 1, kv_blocks)
         if pending is None:
             self._pending[worker_id] = [0, 1, kv_blocks]
-            self._charges[worker_id] = deque([(self._num_reports.get(worker_id, 0), 0, 1, kv_blocks)])
+            self._charges[worker_id] = deque([charge])
         else:
             pending[1] += 1
             pending[2] += kv_blocks
-            self._charges[worker_id].append((self._num_reports.get(worker_id, 0), 0, 1, kv_blocks))
+            self._charges[worker_id].append(charge)
 
     def summary_size(self, worker_id: str) -> int:
         """Keys in the worker's last reported summary (0 if none)."""
