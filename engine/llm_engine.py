@@ -110,6 +110,9 @@ class LLMEngine:
         # requests taken in (add_request, allocate_blocks) since start: the router's acknowledgement
         # of its local charges (router/load.py); same snapshot as the queue it explains
         self._num_requests_added = 0
+        # requests that left the waiting/running set (prefilled, finished or aborted) since start: with
+        # the count above, which of the router's sent prompts a prefix summary has seen (router/load.py)
+        self.num_requests_done = 0
 
     # -- construction helpers -----------------------------------------------------------------------
     def _make_backend(self) -> TorchAttention:
@@ -184,6 +187,7 @@ class LLMEngine:
         """Stop a request and free (or unpin, or un-reserve) its blocks. Idempotent."""
         seq = self._requests.pop(request_id, None)
         if seq is not None:
+            self.num_requests_done += 1
             seq.prefill_only = False
             self.scheduler.finish(seq, "abort")
         self.release_pinned(request_id)
@@ -312,6 +316,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         del self._requests[seq.request_id]
+        self.num_requests_done += 1
         if seq.prefill_only:
             self._pinned[seq.request_id] = seq.block_ids
         self.scheduler.finish(seq, reason)

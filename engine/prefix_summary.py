@@ -50,6 +50,10 @@ class PrefixSummary(NamedTuple):
         removed: keys of generation ``base_generation`` that are not in ``keys``. A router holding
             ``base_generation`` applies the delta (O(changed keys)) instead of re-reading ``keys``
             whole (O(keys): ~0.2-0.5 ms for 4,096 keys); one holding another generation re-reads.
+        requests_done: requests the worker's engine had finished with (prefilled, ended or aborted)
+            when it built this generation, -1 when it does not say (replays, the simulator). The
+            router keeps the probe keys of a prompt it sent there, and this summary lacks, until a
+            summary built after that prompt was done (``LoadTable._read_summary``).
     """
 
     generation: int
@@ -57,6 +61,7 @@ class PrefixSummary(NamedTuple):
     base_generation: int = -1
     added: tuple[int, ...] = ()
     removed: tuple[int, ...] = ()
+    requests_done: int = -1
 
 
 def tenant_root(tenant: str) -> int:
@@ -143,9 +148,10 @@ class SummaryBuilder:
             for key in list(entries)[: len(entries) - 2 * self.max_keys]:
                 del entries[key]
 
-    def build(self, is_cached) -> PrefixSummary:
+    def build(self, is_cached, requests_done: int = -1) -> PrefixSummary:
         """The summary now: keys still cached, newest first, at most ``max_keys`` (the same object,
-        same generation, when nothing changed), with the delta from the previous generation."""
+        same generation, when nothing changed), with the delta from the previous generation;
+        ``requests_done``: the engine's count of requests done as it builds (see ``PrefixSummary``)."""
         entries = self._entries
         keys: list[int] = []
         stale: list[int] = []
@@ -164,5 +170,5 @@ class SummaryBuilder:
             added = tuple(key for key in summary if key not in before)
             removed = tuple(key for key in previous.keys if key not in after)
             generation = previous.generation
-            self._summary = PrefixSummary(generation + 1, summary, generation, added, removed)
+            self._summary = PrefixSummary(generation + 1, summary, generation, added, removed, requests_done)
         return self._summary

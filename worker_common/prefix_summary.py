@@ -68,6 +68,6 @@ class PrefixSummaryBuilder:
             return self.summary
         started = time.perf_counter()
         self._built_at = now
-        self.summary = self._builder.build(index.__contains__)
+        self.summary = self._builder.build(index.__contains__, getattr(engine, "num_requests_done", -1))
         self.build_s = time.perf_counter() - started
         return self.summary

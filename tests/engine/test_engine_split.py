@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.block_hash import block_hashes
 from engine.sampling import SamplingParams
 from tests.engine.engine_helpers import (
     assert_pool_empty,
@@ -84,6 +85,28 @@ def test_stats_count_every_request_taken_in_and_no_rejected_one() -> None:
     engine.free_allocated("pull")
     run_to_completion(engine)
     assert engine.stats().num_requests_added == 2
+
+
+def test_requests_done_counts_each_request_once_after_its_blocks_are_cached() -> None:
+    """``num_requests_done``: what a prefix summary tells the router the engine has finished with
+    (router/load.py): a prefilled request counts once its full blocks are in the prefix index, an
+    aborted one once, a finished one once; releasing or aborting again counts nothing."""
+    engine = make_engine(build_model("llama"))
+    prompts = make_prompts([40, 40, 20], seed=6)
+    engine.add_request("p", prompts[0], greedy(4), prefill_only=True)
+    engine.add_request("w", prompts[1], greedy(4))
+    engine.abort_request("w")  # waiting: leaves at once
+    assert engine.num_requests_done == 1
+    while engine.num_requests_done < 2:
+        engine.step()
+    block_size = engine.config.block_size
+    hashes = block_hashes(prompts[0], block_size)
+    assert len(hashes) == len(prompts[0]) // block_size and all(h in engine.pool.index for h in hashes)
+    engine.release_pinned("p")
+    engine.abort_request("p")  # no longer in the engine: nothing to count
+    engine.add_request("f", prompts[2], greedy(3))
+    run_to_completion(engine)
+    assert engine.num_requests_done == 3 and engine.stats().num_requests_added == 3
 
 
 def test_failed_pull_frees_allocated_blocks() -> None:
