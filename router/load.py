@@ -82,6 +82,9 @@ class LoadTable:
     # A charge no report has counted is dropped by the this-many-th report from its worker after it
     # (the request never arrived: failed on its way, or cancelled before it was sent)
     CHARGE_LIFETIME_REPORTS = 3
+    # Counted requests whose probe keys wait for a summary that has seen them, per worker, at most
+    # (a worker whose summary never changes must not grow the table)
+    MAX_ARRIVED = 1024
 
     def __init__(self, config: RouterConfig, worker_ids: Iterable[str] = ()):
         self._config = config
@@ -90,9 +93,12 @@ class LoadTable:
         self._reports: dict[str, LoadReport] = {}
         # Sent and not yet counted by a report: [queued prefill tokens, running requests, kv blocks],
         # the sum of the charges in ``_charges`` (each: (reports applied when charged, tokens, requests,
-        # blocks), oldest first)
+        # blocks, the probe keys it added to ``held`` or None), oldest first)
         self._pending: dict[str, list[int]] = {}
-        self._charges: dict[str, deque[tuple[int, int, int, int]]] = {}
+        self._charges: dict[str, deque[tuple[int, int, int, int, list[int] | None]]] = {}
+        # Counted by a report, with probe keys no summary has shown yet: (the request's arrival number
+        # at the worker, those keys), oldest first; see ``_read_summary``
+        self._arrived: dict[str, deque[tuple[int, list[int]]]] = {}
         self._num_reports: dict[str, int] = {}
         self._hot: set[str] = set()
         # Prefix summaries: the generation last read, and the set the router matches against (the
@@ -120,6 +126,7 @@ class LoadTable:
         self._pending = {w: p for w, p in self._pending.items() if w in keep}
         self._charges = {w: c for w, c in self._charges.items() if w in keep}
         self._num_reports = {w: n for w, n in self._num_reports.items() if w in keep}
+        self._arrived = {w: a for w, a in self._arrived.items() if w in keep}
         self._hot &= keep
         self._summary_generations = {w: g for w, g in self._summary_generations.items() if w in keep}
         self.held = {w: self.held.get(w, set()) for w in members}
@@ -183,16 +190,22 @@ class LoadTable:
         before = 0 if previous is None else previous.requests_received
         if received is None or before is None or received < before:
             charges.clear()
+            self._arrived.pop(worker_id, None)
             del self._pending[worker_id]
             return 0
         pending = self._pending[worker_id]
         acknowledged = received - before
         oldest = num_reports - self.CHARGE_LIFETIME_REPORTS
         while charges and (acknowledged > 0 or charges[0][0] <= oldest):
-            _, tokens, requests, blocks = charges.popleft()
+            _, tokens, requests, blocks, keys = charges.popleft()
             pending[0] -= tokens
             pending[1] -= requests
             pending[2] -= blocks
+            if keys is not None and acknowledged > 0:  # its arrival number: before + 1, before + 2, ...
+                arrived = self._arrived.get(worker_id)
+                if arrived is None:
+                    arrived = self._arrived[worker_id] = deque(maxlen=self.MAX_ARRIVED)
+                arrived.append((received - acknowledged + 1, keys))
             acknowledged -= 1
         if not charges:
             del self._pending[worker_id]
@@ -200,20 +213,44 @@ class LoadTable:
         return pending[0]
 
     def _read_summary(self, worker_id: str, summary: PrefixSummary) -> None:
-        """``held[worker_id]`` := the summary's keys (the keys sent since the last one dropped): by its
-        delta when it is relative to the generation held, else by re-reading the keys whole."""
+        """``held[worker_id]`` := the summary's keys (by its delta when it is relative to the
+        generation held, else by re-reading the keys whole), plus the probe keys of prompts sent there
+        that it lacks and may not have seen.
+
+        A summary built before a sent prompt was prefilled lacks its keys, and dropping them then sends
+        the prompt's followers elsewhere while it is still on its way. So the keys sent with a charge
+        (``charge_prefill``) stay while no report has counted its request, or one has with an arrival
+        number above the summary's ``requests_done`` (the worker had not finished with it). They go
+        with a summary that counts the request done (it holds them, or they were evicted), with the
+        charge's lifetime if no report ever counts it, and with every summary that does not count
+        (-1: replays, the simulator). Keys from ``note_sent`` go with the next summary read.
+        """
         held = self.held[worker_id]
         sent = self._sent[worker_id]
         base = summary.base_generation
         if base >= 0 and base == self._summary_generations.get(worker_id):
             if sent:
                 held.difference_update(sent)  # back to the summary read last
-                sent.clear()
             held.difference_update(summary.removed)
             held.update(summary.added)
         else:
-            self.held[worker_id] = set(summary.keys)
-            sent.clear()
+            held = self.held[worker_id] = set(summary.keys)
+        sent.clear()
+        done = summary.requests_done
+        if done < 0:
+            self._arrived.pop(worker_id, None)
+        else:
+            unseen = [key for charge in self._charges.get(worker_id, ()) if charge[4] for key in charge[4]]
+            arrived = self._arrived.get(worker_id)
+            if arrived:
+                while arrived and arrived[0][0] <= done:
+                    arrived.popleft()
+                for _, keys in arrived:
+                    unseen += keys
+            for key in unseen:
+                if key not in held:
+                    held.add(key)
+                    sent.append(key)
         self._summary_generations[worker_id] = summary.generation
         self._summary_sizes[worker_id] = len(summary.keys)
 
@@ -237,14 +274,14 @@ class LoadTable:
             charges = self._charges[worker_id]
         pending[0] += queued_tokens
         pending[1] += 1
-        charges.append((self._num_reports.get(worker_id, 0), queued_tokens, 1, 0))
+        held = self.held[worker_id]
+        new = [key for key in probe_keys if key not in held]
+        charges.append((self._num_reports.get(worker_id, 0), queued_tokens, 1, 0, new or None))
         self._total_queued += queued_tokens
         self.queued[worker_id] += queued_tokens
         self.total_work += queued_tokens
         self.work[worker_id] += queued_tokens
         self._update_state(worker_id)
-        held = self.held[worker_id]
-        new = [key for key in probe_keys if key not in held]
         if new:
             held.update(new)
             self._sent[worker_id] += new
@@ -253,7 +290,7 @@ class LoadTable:
         """``debit(worker_id, running_requests=1, kv_blocks=kv_blocks)`` (no queued tokens, so no
         hot/cool change), written out (once per decode choice); ``worker_id`` must be a member."""
         pending = self._pending.get(worker_id)
-        charge = (self._num_reports.get(worker_id, 0), 0, 1, kv_blocks)
+        charge = (self._num_reports.get(worker_id, 0), 0, 1, kv_blocks, None)
         if pending is None:
             self._pending[worker_id] = [0, 1, kv_blocks]
             self._charges[worker_id] = deque([charge])
@@ -276,7 +313,7 @@ class LoadTable:
         pending[0] += queued_tokens
         pending[1] += running_requests
         pending[2] += kv_blocks
-        charge = (self._num_reports.get(worker_id, 0), queued_tokens, running_requests, kv_blocks)
+        charge = (self._num_reports.get(worker_id, 0), queued_tokens, running_requests, kv_blocks, None)
         self._charges.setdefault(worker_id, deque()).append(charge)
         self._total_queued += queued_tokens
         self.queued[worker_id] += queued_tokens

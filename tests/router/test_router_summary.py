@@ -52,19 +52,19 @@ def test_summary_builder_publishes_cached_keys_newest_first_and_capped() -> None
     builder.note([4], ["gone"])
     first = builder.build(cached.__contains__)
     # newest first, key 4's block is not cached; generation 1, all added since generation 0 (empty)
-    assert first == (1, (3, 2, 1), 0, (3, 2, 1), ())
+    assert first == (1, (3, 2, 1), 0, (3, 2, 1), (), -1)  # -1: requests done not given
     assert builder.build(cached.__contains__) is first  # unchanged: the same object and generation
     cached.discard("a2")
-    assert builder.build(cached.__contains__) == (2, (3, 1), 1, (), (2,))
+    assert builder.build(cached.__contains__) == (2, (3, 1), 1, (), (2,), -1)
     builder.note([5, 6, 7], ["b1", "b1", "b1"])
-    assert builder.build(cached.__contains__) == (3, (7, 6, 5), 2, (7, 6, 5), (3, 1))  # cap 3
+    assert builder.build(cached.__contains__, 9) == (3, (7, 6, 5), 2, (7, 6, 5), (3, 1), 9)  # cap 3
 
 
 def test_worker_builder_reads_the_engine_prefix_index() -> None:
     class Pool:
         index = PrefixIndex()
 
-    engine = type("Engine", (), {"pool": Pool()})()
+    engine = type("Engine", (), {"pool": Pool(), "num_requests_done": 4})()
     prompt = tokens(3, 70)  # 17 full blocks of 4: probes at 1, 2, 4, 8, 16
     chain = block_hashes(prompt, 4, salt="t")
     for block_id, block_hash in enumerate(chain):
@@ -73,6 +73,7 @@ def test_worker_builder_reads_the_engine_prefix_index() -> None:
     builder.note(prompt, "t")
     summary = builder.refresh(engine, now=10.0)
     assert set(summary.keys) == set(probe_keys(prompt, 4, "t")) and len(summary.keys) == 5
+    assert summary.requests_done == 4  # the engine's count as the summary was built
     engine.pool.index.remove(chain[15])  # the 16th block evicted: the depth-16 key goes
     assert builder.refresh(engine, now=10.5) is summary  # within the period: not rebuilt
     later = builder.refresh(engine, now=11.0)
@@ -158,6 +159,51 @@ def test_sent_prompts_count_as_held_until_the_next_summary() -> None:
     assert (follow.worker_id, follow.reason) == (first.worker_id, RouteReason.PREFIX_CACHE)
 
 
+def _counted(worker: str, at: float, keys: tuple[int, ...], received: int, done: int) -> LoadReport:
+    """A report counting the requests received, with a summary built when ``done`` were done."""
+    summary = PrefixSummary(int(at), keys, requests_done=done)  # a new generation every report
+    return LoadReport(worker, 0, 0, 100, 100, at, summary, requests_received=received)
+
+
+def test_a_sent_prompt_keeps_its_worker_until_a_summary_built_after_it_was_done() -> None:
+    """A summary that changed for another reason (an eviction) but was built before the prompt sent
+    there was prefilled lacks the prompt's keys: its followers still go there, as prefix_cache, until a
+    summary counts the prompt done. Without the count (-1) the keys go at once (replays)."""
+    router = _router()
+    prompt = tokens(30, 64)
+    for worker in PREFILL:
+        router.update_load(_counted(worker, 1.0, (999,), received=0, done=0))
+    owner = router.choose_prefill(prompt).worker_id
+    follower = [*prompt, 7]
+    # arrived (counted), not yet prefilled; the owner evicted key 999 meanwhile
+    router.update_load(_counted(owner, 2.0, (), received=1, done=0))
+    assert router.choose_prefill(follower)[:2] == (owner, RouteReason.PREFIX_CACHE)
+    router.update_load(_counted(owner, 3.0, (), received=1, done=0))  # the follower still on its way
+    assert router.choose_prefill(follower)[:2] == (owner, RouteReason.PREFIX_CACHE)
+    # done and evicted at once (the summary never showed it): the keys go, the ring decides again
+    router.update_load(_counted(owner, 7.0, (), received=3, done=3))
+    assert router.choose_prefill(tokens(30, 64)).reason == RouteReason.RING_OWNER
+
+    router = _router()
+    owner = router.choose_prefill(prompt).worker_id
+    router.update_load(LoadReport(owner, 0, 0, 100, 100, 2.0, PrefixSummary(2, ()), requests_received=1))
+    assert router.choose_prefill(follower).reason == RouteReason.RING_OWNER
+
+
+def test_keys_of_a_request_no_report_counts_go_with_its_charge() -> None:
+    router = _router()
+    prompt = tokens(31, 64)
+    for worker in PREFILL:
+        router.update_load(_counted(worker, 1.0, (), received=0, done=0))
+    owner = router.choose_prefill(prompt).worker_id  # lost on its way: never counted
+    lifetime = router._prefill_loads.CHARGE_LIFETIME_REPORTS
+    for step in range(1, lifetime):
+        router.update_load(_counted(owner, 1.0 + step, (), received=0, done=0))
+        assert router._prefill_loads.held[owner] >= set(probe_keys(prompt, 4)), step
+    router.update_load(_counted(owner, 1.0 + lifetime, (), received=0, done=0))
+    assert not router._prefill_loads.held[owner]
+
+
 def test_the_summary_travels_in_replica_load_to_the_routers_report() -> None:
     import pickle
 
@@ -168,7 +214,7 @@ def test_the_summary_travels_in_replica_load_to_the_routers_report() -> None:
     summary = worker_summary.PrefixSummary(3, tuple(probe_keys(tokens(40, 64), 16)))
     load = ReplicaLoad("r1", 0, 0, 10, 100, 0, 5, 95, 100, 0, 0, 0, 0, 12.5, prefix_summary=summary)
     back = ReplicaLoad.from_routing_stats(pickle.loads(pickle.dumps(load.to_routing_stats())))
-    assert back == load and back.prefix_summary == summary == (3, summary.keys, -1, (), ())
+    assert back == load and back.prefix_summary == summary == (3, summary.keys, -1, (), (), -1)
     report = _load_report(ReplicaView("r1", back))
     assert report is not None and report.prefix_summary == PrefixSummary(3, summary.keys)
     assert _load_report(ReplicaView("r2", ReplicaLoad("r2", 0, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1.0))) \
