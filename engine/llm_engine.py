@@ -107,12 +107,9 @@ class LLMEngine:
         self._allocated: dict[str, list[int]] = {}  # decode side: blocks reserved for a pull
         self._finished_outputs: list[RequestOutput] = []  # finished outside a step (e.g. abort)
         self._totals = {"prompt": 0, "cached": 0, "generated": 0}
-        # requests taken in (add_request, allocate_blocks) since start: the router's acknowledgement
-        # of its local charges (router/load.py); same snapshot as the queue it explains
-        self._num_requests_added = 0
-        # requests that left the waiting/running set (prefilled, finished or aborted) since start: with
-        # the count above, which of the router's sent prompts a prefix summary has seen (router/load.py)
-        self.num_requests_done = 0
+        # since start: requests taken in (queued, pull allocated) and done (prefilled, ended, aborted)
+        self._num_requests_added = 0  # the router's acknowledgement of its charges: router/load.py
+        self.num_requests_done = 0  # which sent prompts a prefix summary has seen: router/load.py
 
     # -- construction helpers -----------------------------------------------------------------------
     def _make_backend(self) -> TorchAttention:
