@@ -150,7 +150,7 @@ def test_padded_decode_forward_matches_eager_and_leaves_cache() -> None:
 
     engine = LLMEngine(EngineConfig(kv_cache_bytes=2**20, decode_mirror_bytes=0))
     model, block_size = engine.model, engine.config.block_size
-    pool = torch.randn_like(engine.kv_cache)
+    pool = torch.randn(engine.kv_cache.shape, generator=torch.Generator().manual_seed(5))
     positions = torch.tensor([20, 47, 31])  # context lens 21, 48, 32; row 0 writes block 3 offset 4
     tables = torch.tensor([[3, 4, 0], [5, 6, 7], [8, 9, 0]])
     input_ids = torch.tensor([65, 66, 67])
@@ -171,9 +171,11 @@ def test_padded_decode_forward_matches_eager_and_leaves_cache() -> None:
         size = decoder.stage(input_ids, positions, meta)
         actual = decoder._forward(size)[:3]
     assert size == 8
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    # The real rows wrote the same K/V (to rounding: the GEMMs' blocking depends on the batch size) ...
-    torch.testing.assert_close(pool, eager_pool, rtol=1e-5, atol=1e-5)
+    # To float32 rounding: the GEMMs' blocking depends on the batch size (8 rows against 3), and CI saw
+    # 1.6e-5 on a written K value; a wrong slot or row differs by O(1)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    # The real rows wrote the same K/V (to that rounding) ...
+    torch.testing.assert_close(pool, eager_pool, rtol=1e-4, atol=1e-4)
     # ... and every other slot, the padding rows' slot (block 3, offset 5) included, is untouched.
     written = torch.zeros(pool.shape[0], block_size, dtype=torch.bool)
     written[meta.slot_block_ids, meta.slot_offsets] = True
