@@ -176,14 +176,16 @@ SUMMARY_CHURN_KEYS = 64  # keys a changed summary adds (and drops): ~7 prompts' 
 
 
 def _report_rounds(
-    initial: dict[str, tuple[int, ...]], num_rounds: int, deltas: bool = True
+    initial: dict[str, tuple[int, ...]], num_rounds: int, deltas: bool = True, report_every: int = 64
 ) -> list[ReportRound]:
     """What the workers send, round by round: a worker's summary changes (``SUMMARY_CHURN_KEYS``
     fresh keys in front, as many of its oldest dropped, a new generation) every 4th report, with the
     delta from the previous generation (``engine.prefix_summary.SummaryBuilder`` sends one) unless
     ``deltas`` is false (then the router re-reads every changed summary whole: the worst case, an
-    ingress that missed the previous generation). Built before the timed loop: the keys arrive from
-    the wire; making them is the worker's work, not the router's."""
+    ingress that missed the previous generation). A changed summary counts done the requests of the
+    rounds before its own (``requests_done``: the router keeps the sent keys of the last round's, as in
+    the live cluster). Built before the timed loop: the keys arrive from the wire; making them is the
+    worker's work, not the router's."""
     summaries = {worker_id: PrefixSummary(0, keys) for worker_id, keys in initial.items()}
     fresh = 2 * 10**12
     rounds = []
@@ -196,10 +198,11 @@ def _report_rounds(
                 fresh += SUMMARY_CHURN_KEYS
                 keys = added + previous.keys[: len(previous.keys) - SUMMARY_CHURN_KEYS]
                 removed = previous.keys[len(previous.keys) - SUMMARY_CHURN_KEYS :]
+                done = step * report_every  # _send_reports' count of the round before
                 summaries[worker_id] = (
-                    PrefixSummary(previous.generation + 1, keys, previous.generation, added, removed)
+                    PrefixSummary(previous.generation + 1, keys, previous.generation, added, removed, done)
                     if deltas
-                    else PrefixSummary(previous.generation + 1, keys)
+                    else PrefixSummary(previous.generation + 1, keys, requests_done=done)
                 )
             this_round.append((worker_id, summaries[worker_id]))
         rounds.append(this_round)
@@ -277,7 +280,7 @@ def run_cache_aware_bench(
     config = RouterConfig(policy="cache_aware")
     prefill_ids = [f"prefill-{i}" for i in range(num_workers)]
     initial = _warm_summaries(config, prompts, prefill_ids, summary_keys)
-    rounds = _report_rounds(initial, -(-num_prompts // report_every), summary_deltas)
+    rounds = _report_rounds(initial, -(-num_prompts // report_every), summary_deltas, report_every)
     steady = [(worker_id, PrefixSummary(0, keys)) for worker_id, keys in initial.items()]
 
     def make_router() -> Router:  # an ingress that has read every worker's summary once already
